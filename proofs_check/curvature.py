@@ -1,0 +1,529 @@
+"""Curvature tools: Hessian-vector products, Lanczos, the sphere-projected Hessian, smoothness constants.
+
+Everything here is a pure function of pytrees (params in, numbers out) and composes with ``jit``, ``vmap``
+and ``grad``; :func:`smoothness_constants` is the one exception (a measurement routine that returns a
+host-side record). The checks call these in float64 (``with jax.enable_x64(True): ...``); nothing here
+changes the global precision.
+
+Paper: Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch Normalization", ICLR 2019.
+The tangent-projected Hessian serves claim C13; the smoothness constants are the ``L^{ww}``, ``L^{gw}``,
+``L^{gg}`` of the smoothness assumption on the unit set (A1, used by the proof chain I2-I4, claims C14, C15).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from rate_tuning.groups import Label
+
+__all__ = [
+    "hvp",
+    "dense_hessian",
+    "lanczos",
+    "top_eigenvalue",
+    "extreme_eigenvalues",
+    "hessian_extreme_eigenvalues",
+    "tangent_projector",
+    "projected_hvp",
+    "unit_normalize",
+    "si_group_masks",
+    "SmoothnessConstants",
+    "smoothness_constants",
+]
+
+PyTree = Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Hessians
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hvp(loss: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:
+    """Hessian-vector product ``H(params) v``, forward-over-reverse.
+
+    Math: ``H v = d/ds grad L(params + s v) |_{s=0}``, computed as ``jvp(grad(L), (params,), (v,))``; one
+    HVP costs a small multiple of a gradient and never forms ``H``.
+
+    Args:
+      loss: scalar function of the params pytree.
+      params: the point.
+      v: a pytree with the structure and dtypes of ``params``.
+
+    Returns:
+      ``H v`` as a pytree like ``params``.
+
+    Paper: used for the Hessian identities of Sec. 2 (claim C3: ``H(cw) = c^-2 H(w)``, ``H(w) w = -grad``).
+    """
+    return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+
+
+def dense_hessian(loss: Callable[[PyTree], jax.Array], params: PyTree) -> jax.Array:
+    """Dense Hessian of ``loss`` at ``params`` on the flattened parameter vector (for validation).
+
+    Math: ``H_ij = d^2 L / d theta_i d theta_j`` with ``theta = ravel_pytree(params)[0]`` (the same
+    flattening order as :func:`lanczos` on a pytree example).
+
+    Args:
+      loss: scalar function of the params pytree.
+      params: the point; keep it small (``n x n`` memory).
+
+    Returns:
+      An ``(n, n)`` array.
+    """
+    flat, unravel = ravel_pytree(params)
+    return jax.hessian(lambda x: loss(unravel(x)))(flat)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lanczos
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _reorthogonalize(Q: jax.Array, w: jax.Array) -> jax.Array:
+    """Classical Gram-Schmidt against the rows of ``Q``, applied twice ("twice is enough")."""
+    w = w - Q.T @ (Q @ w)
+    return w - Q.T @ (Q @ w)
+
+
+def lanczos(
+    matvec: Callable,
+    dim_or_example: int | PyTree,
+    num_steps: int,
+    key: jax.Array,
+    *,
+    v0: PyTree | jax.Array | None = None,
+    return_vectors: bool = False,
+    dtype: Any = None,
+    breakdown_tol: float | None = None,
+):
+    """Lanczos with full reorthogonalisation for a symmetric linear operator; returns Ritz values.
+
+    Math: builds an orthonormal basis ``Q = [q_0..q_{k-1}]`` of the Krylov space of ``v0`` and the
+    tridiagonal ``T = Q^T A Q`` (``alpha_j = <q_j, A q_j>``, ``beta_j = ||A q_j - alpha_j q_j -
+    beta_{j-1} q_{j-1}||`` after re-orthogonalising against all of ``Q`` twice). The Ritz values are the
+    eigenvalues of ``T``; its extreme ones converge first to the extreme (algebraic) eigenvalues of ``A``,
+    unlike power iteration, which returns the eigenvalue of largest magnitude. Breakdown
+    (``beta_j <= breakdown_tol * ||A||_est``: the Krylov space is invariant) is handled by restarting from a
+    fresh random vector orthogonal to ``Q`` with ``beta_j = 0``; ``T`` is then block diagonal and every
+    Ritz value is still a Ritz value of ``A`` (with ``num_steps >= dim`` the Ritz values are the whole
+    spectrum, multiplicities included). ``num_steps`` is clipped to the dimension.
+
+    Args:
+      matvec: ``v -> A v``, on flat vectors if ``dim_or_example`` is an int, else on pytrees shaped like it.
+      dim_or_example: the dimension ``n`` (flat vectors) or an example pytree (its values are ignored).
+      num_steps: number of Lanczos steps ``k`` (static).
+      key: PRNG key for the start vector (unless ``v0``) and for restarts after breakdown.
+      v0: optional start vector (flat or pytree, like the operator's input); must be non-zero.
+      return_vectors: also return the Ritz vectors.
+      dtype: dtype of flat vectors when ``dim_or_example`` is an int (default: JAX's default float).
+      breakdown_tol: relative breakdown threshold (default ``100 * eps`` of the dtype).
+
+    Returns:
+      ``ritz_values`` of shape ``(k,)`` in ascending order; with ``return_vectors`` a tuple
+      ``(ritz_values, ritz_vectors)`` where ``ritz_vectors`` has a leading axis of size ``k`` (rows of a
+      ``(k, n)`` array, or a pytree whose leaves are stacked along a new axis 0), unit norm, in the order of
+      ``ritz_values``.
+
+    Paper: used for ``lambda_max`` of the Riemannian Hessian (claim C13) and the smoothness constants of
+    the unit-set assumption (A1). JAX-NOTES: power iteration gives the wrong end at initialisation.
+    """
+    if isinstance(dim_or_example, (int, np.integer)):
+        n = int(dim_or_example)
+        dt = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+        unravel = None
+        mv = matvec
+    else:
+        flat_example, unravel = ravel_pytree(dim_or_example)
+        n = flat_example.shape[0]
+        dt = flat_example.dtype
+
+        def mv(x):
+            return ravel_pytree(matvec(unravel(x)))[0]
+
+    if n < 1:
+        raise ValueError("lanczos needs a non-empty operator")
+    k = max(1, min(int(num_steps), n))
+    eps = jnp.finfo(dt).eps
+    tol = 100.0 * eps if breakdown_tol is None else breakdown_tol
+    key_start, key_restart = jax.random.split(key)
+
+    if v0 is None:
+        q0 = jax.random.normal(key_start, (n,), dt)
+    elif unravel is None:
+        q0 = jnp.asarray(v0, dt).reshape(n)
+    else:
+        q0 = ravel_pytree(v0)[0].astype(dt)
+    q0 = q0 / jnp.linalg.norm(q0)
+
+    # Q has a spare zero row k so the write of q_{j+1} at the last step stays in bounds.
+    Q = jnp.zeros((k + 1, n), dt).at[0].set(q0)
+    alphas = jnp.zeros((k,), dt)
+    betas = jnp.zeros((k,), dt)
+
+    def body(j, state):
+        Q, alphas, betas, anorm = state
+        q = Q[j]
+        w = mv(q).astype(dt)
+        alpha = jnp.vdot(q, w)
+        beta_prev = jnp.where(j > 0, betas[j - 1], 0.0).astype(dt)
+        q_prev = jnp.where(j > 0, Q[jnp.maximum(j - 1, 0)], jnp.zeros_like(q))
+        w = w - alpha * q - beta_prev * q_prev
+        w = _reorthogonalize(Q, w)
+        beta = jnp.linalg.norm(w)
+        anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev)
+        broke = beta <= tol * anorm
+        r = jax.random.normal(jax.random.fold_in(key_restart, j), (n,), dt)
+        r = _reorthogonalize(Q, r)
+        r = r / jnp.linalg.norm(r)
+        q_next = jnp.where(broke, r, w / jnp.where(broke, jnp.ones_like(beta), beta))
+        beta = jnp.where(broke, jnp.zeros_like(beta), beta)
+        Q = Q.at[j + 1].set(q_next)
+        return Q, alphas.at[j].set(alpha), betas.at[j].set(beta), anorm
+
+    init = (Q, alphas, betas, jnp.zeros((), dt))
+    Q, alphas, betas, _ = jax.lax.fori_loop(0, k, body, init)
+    off = betas[: k - 1]
+    T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    if not return_vectors:
+        return jnp.linalg.eigvalsh(T)
+    evals, S = jnp.linalg.eigh(T)
+    Y = S.T @ Q[:k]  # (k, n): row i is the Ritz vector of evals[i]
+    Y = Y / jnp.linalg.norm(Y, axis=1, keepdims=True)
+    if unravel is not None:
+        Y = jax.vmap(unravel)(Y)
+    return evals, Y
+
+
+def top_eigenvalue(matvec: Callable, dim_or_example, num_steps: int, key: jax.Array, **kwargs) -> jax.Array:
+    """Largest algebraic eigenvalue of a symmetric operator by :func:`lanczos` (largest Ritz value).
+
+    Args/Returns: as :func:`lanczos`; returns a scalar. Paper: ``lambda_max`` of claim C13.
+    """
+    return lanczos(matvec, dim_or_example, num_steps, key, **kwargs)[-1]
+
+
+def extreme_eigenvalues(matvec: Callable, dim_or_example, num_steps: int, key: jax.Array, **kwargs):
+    """Smallest and largest algebraic eigenvalues of a symmetric operator by one :func:`lanczos` run.
+
+    Args/Returns: as :func:`lanczos`; returns ``(lambda_min, lambda_max)``; the spectral norm is
+    ``max(|lambda_min|, |lambda_max|)``.
+    """
+    ritz = lanczos(matvec, dim_or_example, num_steps, key, **kwargs)
+    return ritz[0], ritz[-1]
+
+
+def hessian_extreme_eigenvalues(loss, params, num_steps: int, key: jax.Array, labels=None):
+    """``(lambda_min, lambda_max)`` of the Hessian at ``params``, or of ``P H P`` when ``labels`` is given.
+
+    Math: Lanczos on ``v -> H v`` (or ``v -> P H P v``, see :func:`projected_hvp`).
+
+    Args:
+      loss, params: as :func:`hvp`.
+      num_steps, key: as :func:`lanczos`.
+      labels: optional label tree; if given the tangent-projected Hessian is used.
+
+    Returns:
+      ``(lambda_min, lambda_max)``. Paper: claim C13 (``2 / lambda_max`` of the Riemannian Hessian).
+    """
+    if labels is None:
+        mv = lambda v: hvp(loss, params, v)  # noqa: E731
+    else:
+        mv = lambda v: projected_hvp(loss, params, labels, v)  # noqa: E731
+    return extreme_eigenvalues(mv, params, num_steps, key)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Groups, projector on the tangent space of the product of spheres
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _flat_with_labels(params, labels):
+    leaves, treedef = jax.tree.flatten(params)
+    labs = treedef.flatten_up_to(labels)
+    for lab in labs:
+        if not isinstance(lab, Label):
+            raise TypeError(f"label tree leaves must be rate_tuning.groups.Label, got {lab!r}")
+    per_channel = {}
+    for leaf, lab in zip(leaves, labs):
+        if lab.kind != "si":
+            continue
+        if lab.per_channel and jnp.ndim(leaf) < 1:
+            raise ValueError(f"per-channel group {lab.group!r} needs leaves with a channel axis")
+        if per_channel.setdefault(lab.group, lab.per_channel) != lab.per_channel:
+            raise ValueError(f"group {lab.group!r} mixes per_channel=True and per_channel=False leaves")
+    return leaves, labs, treedef
+
+
+def _group_reduce(a_leaves, b_leaves, labs):
+    """Per SI group ``<a_i, b_i>``: a scalar per group, or a ``(C,)`` vector for a per-channel group."""
+    out: dict[str, jax.Array] = {}
+    for a, b, lab in zip(a_leaves, b_leaves, labs):
+        if lab.kind != "si":
+            continue
+        prod = a * b
+        s = jnp.sum(prod, axis=tuple(range(prod.ndim - 1))) if lab.per_channel else jnp.sum(prod)
+        out[lab.group] = s if lab.group not in out else out[lab.group] + s
+    return out
+
+
+def tangent_projector(params: PyTree, labels: PyTree) -> Callable[[PyTree], PyTree]:
+    """Orthogonal projector on the tangent space of the product of spheres through ``params``.
+
+    Math: block diagonal ``P = diag(P_1, .., P_m, I_g, 0_frozen)`` with ``P_i = I - w_i w_i^T / ||w_i||^2``
+    for each SI group ``w_i`` (the leaves that share ``Label.group``, concatenated; with
+    ``per_channel=True`` every index along the last axis is its own group), the identity on ``'variant'``
+    leaves and zero on ``'frozen'`` leaves. Every SI group must be non-zero.
+
+    Args:
+      params: the point (defines the ``w_i``).
+      labels: label tree with the structure of ``params`` (leaves :class:`rate_tuning.groups.Label`).
+
+    Returns:
+      ``v -> P v`` on pytrees shaped like ``params``.
+
+    Paper: the intrinsic domain ``{||w_i|| = 1}`` of Sec. 2.4 (claim C13).
+    """
+    w_leaves, labs, treedef = _flat_with_labels(params, labels)
+    sq = _group_reduce(w_leaves, w_leaves, labs)
+
+    def project(v):
+        v_leaves = treedef.flatten_up_to(v)
+        dots = _group_reduce(w_leaves, v_leaves, labs)
+        out = []
+        for w, x, lab in zip(w_leaves, v_leaves, labs):
+            if lab.kind == "frozen":
+                out.append(jnp.zeros_like(x))
+            elif lab.kind == "variant":
+                out.append(x)
+            else:
+                coef = dots[lab.group] / sq[lab.group]  # scalar, or (C,) broadcast on the last axis
+                out.append(x - w * coef.astype(w.dtype))
+        return jax.tree.unflatten(treedef, out)
+
+    return project
+
+
+def projected_hvp(loss: Callable, params: PyTree, labels: PyTree, v: PyTree) -> PyTree:
+    """Tangent-projected Hessian-vector product ``P H P v`` (Riemannian Hessian on the product of spheres).
+
+    Math: ``P`` from :func:`tangent_projector`. For a loss whose SI groups are scale-invariant,
+    ``<grad_{w_i} L, w_i> = 0`` everywhere, so the Weingarten term ``-(<grad, w_i>/||w_i||^2) P_i`` of the
+    Riemannian Hessian vanishes and ``P H P`` *is* the Riemannian Hessian of the restriction to the
+    spheres through ``params`` (at any point, a fortiori at a critical point). The radial directions
+    ``w_i`` are in its kernel (eigenvalue 0), as are frozen leaves.
+
+    Args:
+      loss: scalar function of the params pytree.
+      params: the point.
+      labels: label tree of ``params``.
+      v: tangent or ambient direction, a pytree like ``params``.
+
+    Returns:
+      ``P H P v`` as a pytree like ``params``.
+
+    Paper: claim C13 (limiting effective LR ``<= 2 / lambda_max`` of the Riemannian Hessian).
+    """
+    P = tangent_projector(params, labels)
+    return P(hvp(loss, params, P(v)))
+
+
+def unit_normalize(params: PyTree, labels: PyTree) -> PyTree:
+    """Rescale every SI group to unit norm (per channel where labelled); other leaves unchanged.
+
+    Math: ``w_i -> w_i / ||w_i||``, i.e. the normalised point ``(V; g)`` of Sec. 2.4.
+
+    Args:
+      params: a point with non-zero SI groups.
+      labels: its label tree.
+
+    Returns:
+      The normalised params.
+    """
+    leaves, labs, treedef = _flat_with_labels(params, labels)
+    sq = _group_reduce(leaves, leaves, labs)
+    out = [
+        leaf / jnp.sqrt(sq[lab.group]).astype(leaf.dtype) if lab.kind == "si" else leaf
+        for leaf, lab in zip(leaves, labs)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def si_group_masks(params: PyTree, labels: PyTree):
+    """Indicator pytrees of the individual SI groups and of the scale-variant part.
+
+    Args:
+      params: a point (only shapes and dtypes are used).
+      labels: its label tree.
+
+    Returns:
+      ``(names, w_masks, g_mask)``: ``names[i]`` is the group name (``'name[c]'`` for channel ``c`` of a
+      per-channel group), ``w_masks[i]`` a 0/1 pytree selecting group ``i``, ``g_mask`` selecting every
+      ``'variant'`` leaf. Frozen leaves are in no mask.
+    """
+    leaves, labs, treedef = _flat_with_labels(params, labels)
+    groups: dict[str, tuple[bool, int]] = {}
+    for leaf, lab in zip(leaves, labs):
+        if lab.kind == "si":
+            ch = jnp.shape(leaf)[-1] if lab.per_channel else 1
+            if lab.group in groups and groups[lab.group][1] != ch:
+                raise ValueError(f"per-channel group {lab.group!r} has leaves with different channel counts")
+            groups[lab.group] = (lab.per_channel, ch)
+    names, masks = [], []
+    for name, (pc, ch) in groups.items():
+        for c in range(ch):
+            m = []
+            for leaf, lab in zip(leaves, labs):
+                if lab.kind == "si" and lab.group == name:
+                    if pc:
+                        m.append(jnp.zeros_like(leaf).at[..., c].set(1))
+                    else:
+                        m.append(jnp.ones_like(leaf))
+                else:
+                    m.append(jnp.zeros_like(leaf))
+            names.append(f"{name}[{c}]" if pc else name)
+            masks.append(jax.tree.unflatten(treedef, m))
+    g_mask = jax.tree.unflatten(
+        treedef, [jnp.ones_like(l) if lab.kind == "variant" else jnp.zeros_like(l) for l, lab in zip(leaves, labs)]
+    )
+    return names, masks, g_mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Smoothness constants on the unit set (A1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothnessConstants:
+    """Estimated Hessian-block bounds of the smoothness assumption on the unit set (A1).
+
+    Attributes:
+      L_ww: ``(m, m)`` array, ``max over points of ||H_{w_i w_j}||_2`` (symmetric).
+      L_gw: ``(m,)`` array, ``max over points of ||H_{g w_i}||_2``.
+      L_gg: ``max over points of ||H_{gg}||_2``.
+      L_ww_max: ``max_{ij} L_ww[i, j]``.
+      groups: the SI group names, in the order of the rows of ``L_ww``.
+      num_points: number of sampled points.
+      sampling: how the points were drawn.
+      dtype: dtype of the computation.
+      lanczos_steps: Lanczos steps per block.
+      per_point: the same blocks at every point (``'L_ww'`` ``(P, m, m)``, ``'L_gw'`` ``(P, m)``,
+        ``'L_gg'`` ``(P,)``).
+    """
+
+    L_ww: np.ndarray
+    L_gw: np.ndarray
+    L_gg: float
+    L_ww_max: float
+    groups: tuple[str, ...]
+    num_points: int
+    sampling: str
+    dtype: str
+    lanczos_steps: int
+    per_point: dict
+
+
+def smoothness_constants(
+    loss: Callable[[PyTree], jax.Array],
+    params_sampler: Callable[[jax.Array], PyTree],
+    labels: PyTree,
+    num_points: int,
+    key: jax.Array,
+    lanczos_steps: int = 30,
+) -> SmoothnessConstants:
+    """Estimate ``L^{ww}_{ij}``, ``L^{gw}_i``, ``L^{gg}`` by maximising Hessian-block norms over the unit set.
+
+    Math: at each point ``theta_p = unit_normalize(params_sampler(fold_in(key, p)), labels)`` (every SI
+    group rescaled to unit norm, ``g`` as drawn) and with ``M_i``, ``M_g`` the 0/1 masks of group ``i`` and
+    of the scale-variant part (:func:`si_group_masks`):
+
+    * diagonal blocks ``||H_{w_i w_i}||`` and ``||H_gg||``: ``max(|lambda_min|, |lambda_max|)`` of
+      ``v -> M H M v`` by one Lanczos run (both ends);
+    * off-diagonal blocks ``||H_{w_i w_j}|| = sqrt(lambda_max(H_{w_j w_i} H_{w_i w_j}))`` by Lanczos on the
+      PSD operator ``v -> M_j H (M_i H (M_j v))`` (likewise ``||H_{g w_i}||`` with ``M_g``).
+
+    The result is a max over sampled points, hence a lower estimate of the supremum in A1 (exact when the
+    block norm does not depend on the point, e.g. a quadratic ``g``-part).
+
+    Args:
+      loss: scalar function of the params pytree (the full objective).
+      params_sampler: ``key -> params`` (e.g. ``Problem.init``); SI groups must be non-zero.
+      labels: label tree of the params.
+      num_points: number of sampled points ``P``.
+      key: PRNG key; point ``p`` uses ``fold_in(key, p)``, Lanczos uses ``fold_in(key, P + p)``.
+      lanczos_steps: Lanczos steps per block (clipped to the dimension).
+
+    Returns:
+      A :class:`SmoothnessConstants` record (values, number of points, sampling, dtype).
+
+    Paper: smoothness assumption on the unit set (A1; constants named ``L^{gg}``, ``L^{gw}_i``,
+    ``L^{ww}_{ij}`` from recollection), used by the proof chain I2-I4 and claims C14, C15.
+    """
+    example = unit_normalize(params_sampler(jax.random.fold_in(key, 0)), labels)
+    names, w_masks, g_mask = si_group_masks(example, labels)
+    m = len(names)
+    has_g = any(bool(jnp.any(l > 0)) for l in jax.tree.leaves(g_mask))
+    dtype = jnp.result_type(*jax.tree.leaves(example))
+
+    mul = lambda a, b: jax.tree.map(jnp.multiply, a, b)  # noqa: E731
+
+    def at_point(p_key):
+        pkey, lkey = p_key
+        params = unit_normalize(params_sampler(pkey), labels)
+        H = lambda v: hvp(loss, params, v)  # noqa: E731
+
+        def start(mask, k):
+            return mul(mask, jax.tree.map(lambda x: jax.random.normal(k, x.shape, x.dtype), params))
+
+        def diag_norm(mask, k):
+            ritz = lanczos(lambda v: mul(mask, H(mul(mask, v))), params, lanczos_steps, k, v0=start(mask, k))
+            return jnp.maximum(jnp.abs(ritz[0]), jnp.abs(ritz[-1]))
+
+        def off_norm(mask_i, mask_j, k):
+            op = lambda v: mul(mask_j, H(mul(mask_i, H(mul(mask_j, v)))))  # noqa: E731
+            top = lanczos(op, params, lanczos_steps, k, v0=start(mask_j, k))[-1]
+            return jnp.sqrt(jnp.maximum(top, 0.0))
+
+        Lww = jnp.zeros((m, m), dtype)
+        c = 0
+        for i in range(m):
+            for j in range(i, m):
+                kk = jax.random.fold_in(lkey, c)
+                c += 1
+                val = diag_norm(w_masks[i], kk) if i == j else off_norm(w_masks[i], w_masks[j], kk)
+                Lww = Lww.at[i, j].set(val).at[j, i].set(val)
+        if has_g:
+            Lgw = jnp.stack([off_norm(g_mask, w_masks[i], jax.random.fold_in(lkey, c + 1 + i)) for i in range(m)]) \
+                if m else jnp.zeros((0,), dtype)
+            Lgg = diag_norm(g_mask, jax.random.fold_in(lkey, c))
+        else:
+            Lgw = jnp.zeros((m,), dtype)
+            Lgg = jnp.zeros((), dtype)
+        return Lww, Lgw, Lgg
+
+    pkeys = jnp.stack([jax.random.fold_in(key, p) for p in range(num_points)])
+    lkeys = jnp.stack([jax.random.fold_in(key, num_points + p) for p in range(num_points)])
+    Lww, Lgw, Lgg = jax.lax.map(jax.jit(at_point), (pkeys, lkeys))
+    Lww, Lgw, Lgg = np.asarray(Lww), np.asarray(Lgw), np.asarray(Lgg)
+    L_ww = Lww.max(axis=0) if num_points else np.zeros((m, m))
+    return SmoothnessConstants(
+        L_ww=L_ww,
+        L_gw=Lgw.max(axis=0),
+        L_gg=float(Lgg.max()),
+        L_ww_max=float(L_ww.max()) if m else 0.0,
+        groups=tuple(names),
+        num_points=int(num_points),
+        sampling=(
+            f"{num_points} points theta_p = unit_normalize(params_sampler(fold_in(key, p))), p < {num_points}: "
+            "every SI group rescaled to unit norm (per channel where labelled), scale-variant g as drawn by "
+            "the sampler; max over points of Lanczos block norms (a lower estimate of the sup over the unit set)"
+        ),
+        dtype=str(jnp.dtype(dtype)),
+        lanczos_steps=int(lanczos_steps),
+        per_point={"L_ww": Lww, "L_gw": Lgw, "L_gg": Lgg},
+    )
