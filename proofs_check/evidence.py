@@ -1,0 +1,92 @@
+"""Evidence records: what a check measured, what the theory predicts, and how the two must relate.
+
+Every check returns a list of :class:`Evidence` (DESIGN.md, "Evidence"), never a bare boolean. ``passed``
+is computed from ``measured``, ``bound``, ``relation`` and ``tolerance`` here, in one place:
+
+* ``'<='``: ``measured <= bound + tolerance``;
+* ``'>='``: ``measured >= bound - tolerance``;
+* ``'=='``: ``|measured - bound| <= tolerance``;
+* ``'>'`` : ``measured > bound + tolerance`` (a violation that must be clearly above round-off, used by
+  negative controls).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+RELATIONS = ("<=", ">=", "==", ">")
+
+
+def holds(measured: float, relation: str, bound: float, tolerance: float) -> bool:
+    """Whether ``measured relation bound`` holds within ``tolerance``; NaN never holds."""
+    m, b, t = float(measured), float(bound), float(tolerance)
+    if math.isnan(m) or math.isnan(b):
+        return False
+    if relation == "<=":
+        return m <= b + t
+    if relation == ">=":
+        return m >= b - t
+    if relation == "==":
+        return abs(m - b) <= t
+    if relation == ">":
+        return m > b + t
+    raise ValueError(f"unknown relation {relation!r}; known: {RELATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """One measurement of one claim in one setting.
+
+    Attributes:
+      claim: claim id (``'C4'``).
+      setting: what was run (problem, BN variant, optimizer, steps...), one line.
+      measured: the number measured (e.g. the worst residual over all steps).
+      bound: the number the theory predicts or bounds it by.
+      relation: one of :data:`RELATIONS`.
+      tolerance: the derived numerical slack (see ``docs/derivations.md``), >= 0.
+      dtype: ``'float64'`` or ``'float32'``.
+      bn: the BatchNorm variant used (``'exact'``, ``'smooth'``, ``'standard'``, ``'eval-mode'``, ``'none'``).
+      negative_control: True when the setting breaks a hypothesis on purpose: the claim's conclusion must
+        then be reported violated (the record's ``passed`` says whether the relation holds; a control is
+        *confirmed* when it does not).
+      details: anything else worth keeping (curves are kept out: summaries only).
+    """
+
+    claim: str
+    setting: str
+    measured: float
+    bound: float
+    relation: str
+    tolerance: float
+    dtype: str
+    bn: str
+    negative_control: bool = False
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.relation not in RELATIONS:
+            raise ValueError(f"unknown relation {self.relation!r}; known: {RELATIONS}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}")
+
+    @property
+    def passed(self) -> bool:
+        """Whether ``measured relation bound`` holds within ``tolerance``."""
+        return holds(self.measured, self.relation, self.bound, self.tolerance)
+
+    @property
+    def ok(self) -> bool:
+        """The verdict for the report: a claim record must pass, a negative control must not."""
+        return self.passed != self.negative_control
+
+    @property
+    def margin(self) -> float:
+        """Signed slack of the relation: positive when it holds (in the units of ``measured``)."""
+        m, b, t = float(self.measured), float(self.bound), float(self.tolerance)
+        return {"<=": b + t - m, ">=": m - b + t, "==": t - abs(m - b), ">": m - b - t}[self.relation]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(passed=self.passed, ok=self.ok, margin=self.margin)
+        return d

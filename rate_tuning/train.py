@@ -1,0 +1,514 @@
+"""Training loops for the paper's two-rate (S)GD, with its per-step quantities measured inside the step.
+
+The pieces, flax-examples style (each small and testable on its own):
+
+* :class:`TrainState`: flax's ``TrainState`` plus the BatchNorm running statistics ``batch_stats``. The
+  label tree is a Python object and stays *out* of the pytree: it is a closure argument of the steps.
+* :func:`create_train_state`: model, params, labels (checked against the params) and the optimizer
+  :func:`rate_tuning.optim.two_rate_sgd` from a :class:`~rate_tuning.configs.Config`.
+* :func:`make_train_step`: a jitted ``train_step(state, x, y) -> (state, metrics)``. The metrics are
+  computed inside the step from the gradient the step applies (:func:`step_metrics`).
+* :func:`make_eval_step`: eval-mode (running statistics) loss and accuracy.
+* :func:`train_and_evaluate`: full-batch GD when ``config.batch_size == 0``, otherwise mini-batch SGD
+  where the batch of global step ``t`` is ``data.batch_at(x, y, batch_size, seed, t)`` (a pure function
+  of the step, so a run can be resumed exactly). Writes ``metrics.jsonl`` and ``summary.json``.
+
+Step numbering: a train record with ``step = t`` describes the update ``theta_t -> theta_{t+1}`` (the
+norm *before* the step, ``lr_w(t)``, the gradient at ``theta_t``); an eval record with ``step = t`` is
+measured at ``theta_t``. ``t`` starts at 0; the final evaluation has ``step = config.steps``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import chex
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from rate_tuning import data
+from rate_tuning import groups as G
+from rate_tuning import layers
+from rate_tuning import metrics as M
+from rate_tuning import models, optim
+from rate_tuning.configs import Config, ConfigError
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+"""Supported run dtypes (params and inputs)."""
+
+EVAL_CHUNK = 1024
+"""Examples per eval-mode forward pass (eval mode is per-example, so chunking does not change results)."""
+
+TQDM_MIN_STEPS = 500
+"""Runs at least this long get a tqdm bar when stdout is a terminal; others print plain lines."""
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class TrainState(train_state.TrainState):
+    """flax's ``TrainState`` (step, params, tx, opt_state) plus the BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+class TrainSetup(NamedTuple):
+    """What :func:`create_train_state` builds: the state, and the Python objects the steps close over."""
+
+    state: TrainState
+    model: nn.Module
+    labels: Any
+    lr_w: optax.Schedule
+    lr_g: optax.Schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and set-up (nothing is written to disk here).
+
+
+def precision(dtype: str):
+    """The context a run in ``dtype`` executes in: x64 enabled for ``'float64'`` (for this run only)."""
+    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+
+
+def _choice(name: str, value, known) -> None:
+    if value not in known:
+        raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(map(str, known))}")
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def validate_config(config: Config) -> None:
+    """Raise :class:`ConfigError` (one line) unless ``config`` names known things and has valid values.
+
+    Checks: known dataset, arch, preset, bn variant (and that the preset has a BN to replace), grouping,
+    schedule and dtype; ``lr_w``, ``lr_g`` finite and > 0 (:func:`rate_tuning.optim.check_learning_rate`);
+    ``weight_decay >= 0``; ``momentum`` None or in ``[0, 1)``; ``steps >= 1``, ``batch_size >= 0``
+    (0: full batch), ``eval_every >= 0``, ``log_every >= 1``, ``seed >= 0``. What needs the data (batch
+    size vs. dataset size) or the model (arch_kwargs, labels) is checked by :func:`load_dataset` and
+    :func:`create_train_state`.
+    """
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a rate_tuning.configs.Config, got {type(config).__name__}")
+    _choice("dataset", str(config.dataset).replace("-", "_").lower(), list(data.LOADERS))
+    _choice("arch", config.arch, list(models.ARCHITECTURES))
+    _choice("preset", config.preset, list(models.PRESETS))
+    if config.bn is not None:
+        _choice("bn", config.bn, list(layers.BN_VARIANTS))
+        if models.PRESETS[config.preset].bn is None:
+            raise ConfigError(f"preset {config.preset!r} has no BatchNorm to replace with bn={config.bn!r}")
+    _choice("grouping", config.grouping, list(models.GROUPINGS))
+    _choice("schedule", config.schedule, list(optim.SCHEDULES))
+    _choice("dtype", config.dtype, list(DTYPES))
+    for name in ("lr_w", "lr_g"):
+        try:
+            optim.check_learning_rate(name, getattr(config, name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    wd = config.weight_decay
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+    m = config.momentum
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1):
+        raise ConfigError(f"momentum must be None or a number in [0, 1), got {m!r}")
+    for name, minimum in (("steps", 1), ("batch_size", 0), ("eval_every", 0), ("log_every", 1), ("seed", 0)):
+        _integer(name, getattr(config, name), minimum)
+    for name in ("project", "verify_labels"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be True or False, got {getattr(config, name)!r}")
+    for name in ("arch_kwargs", "data_kwargs"):
+        value = getattr(config, name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name} must be a dict with string keys, got {value!r}")
+
+
+def load_dataset(config: Config) -> data.Dataset:
+    """The dataset of ``config`` with inputs cast to ``config.dtype``; checks ``batch_size`` against it.
+
+    Raises:
+      DataError: a missing or corrupt file (from :mod:`rate_tuning.data`).
+      ConfigError: ``data_kwargs`` the loader does not take, or a batch larger than the training split.
+    """
+    try:
+        ds = data.load(config.dataset, **config.data_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"data_kwargs {config.data_kwargs!r} rejected by dataset {config.dataset!r}: {e}") from None
+    if config.batch_size > len(ds.x_train):
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(ds.x_train)} training examples "
+                          f"of {ds.name!r} (batch_size=0 means full-batch GD)")
+    dtype = DTYPES[config.dtype]
+    return dataclasses.replace(ds, x_train=ds.x_train.astype(dtype, copy=False),
+                               x_test=ds.x_test.astype(dtype, copy=False))
+
+
+def batch_fn(config: Config, dataset: data.Dataset) -> Callable[[int], tuple[Any, Any]]:
+    """``t -> (x, y)``, the batch of global step ``t``: the whole training split when
+    ``config.batch_size == 0`` (full-batch GD, put on the device once), otherwise
+    ``data.batch_at(x_train, y_train, batch_size, seed, t)``."""
+    if config.batch_size == 0:
+        x, y = (jnp.asarray(a) for a in data.full_batch(dataset.x_train, dataset.y_train))
+        return lambda t: (x, y)
+    return lambda t: data.batch_at(dataset.x_train, dataset.y_train, config.batch_size, config.seed, t)
+
+
+def create_train_state(config: Config, dataset: data.Dataset, key) -> TrainSetup:
+    """Build the model, initialise it on the first batch, and build labels and the optimizer.
+
+    The labels come from ``model.labels(config.grouping)`` and are checked against the params
+    (:func:`rate_tuning.groups.si_groups`, which goes through ``flatten_labelled``); with
+    ``config.verify_labels`` every ``'si'`` group is also checked numerically on the first batch
+    (:func:`rate_tuning.groups.verify_labels`). Call it inside :func:`precision` for float64.
+
+    Args:
+      config: a validated config.
+      dataset: its dataset, as returned by :func:`load_dataset`.
+      key: the PRNG key of the initialisation.
+
+    Returns:
+      A :class:`TrainSetup`: the state, the model, the labels and the two learning-rate schedules.
+
+    Raises:
+      ConfigError: ``arch_kwargs`` the architecture does not take.
+      LabelError: labels that do not match the params, or (``verify_labels``) a group that is not
+        scale-invariant; the message names the parameter.
+    """
+    dtype = DTYPES[config.dtype]
+    try:
+        model = models.build(config.arch, config.preset, bn=config.bn, num_classes=dataset.num_classes,
+                             param_dtype=dtype, **config.arch_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"arch_kwargs {config.arch_kwargs!r} rejected by arch {config.arch!r}: {e}") from None
+    x, y = batch_fn(config, dataset)(0)
+    variables = model.init(key, jnp.asarray(x), train=True)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    labels = model.labels(config.grouping)
+    G.si_groups(params, labels)  # LabelError naming the parameter if the tree does not match
+    if config.verify_labels:
+        G.verify_labels(lambda p: models.batch_loss(model, p, batch_stats, x, y, True)[0], params, labels)
+    lr_w = optim.schedule(config.schedule, config.lr_w)
+    lr_g = optim.schedule(config.schedule, config.lr_g)
+    tx = optim.two_rate_sgd(labels, lr_w, lr_g, weight_decay=config.weight_decay, momentum=config.momentum,
+                            project=config.project)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+    return TrainSetup(state, model, labels, lr_w, lr_g)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def accuracy(logits, y) -> jax.Array:
+    """Fraction of examples whose arg-max logit is the label."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+
+
+def step_metrics(params, new_params, grads, labels, lr_w) -> dict[str, jax.Array]:
+    """The paper's per-step quantities of the update ``params -> new_params`` made with ``grads``.
+
+    For every scale-invariant group ``i`` (per-channel groups: the **mean over channels**):
+
+    * ``norm/<i>``: ``||w_t||``, before the step;
+    * ``eff_lr/<i>``: the effective learning rate ``lr_w(t) / ||w_t||^2``;
+    * ``angle/<i>``: the angle between ``w_t`` and ``w_{t+1}`` in radians.
+
+    And the scalars ``lr_w`` (``lr_w(t)``); ``grad_sq_intrinsic``: ``||grad L(V_t; g_t)||^2`` over all
+    groups and the scale-variant block (:func:`rate_tuning.metrics.intrinsic_grad_sq_norms`);
+    ``lemma24_residual``: ``max_i |(||w_{t+1}||^2 - ||w_t||^2 - lr_w(t)^2 ||grad_i||^2)|`` over groups
+    (and channels), zero up to round-off for plain (S)GD (Lemma 2.4) and not with weight decay, momentum
+    or projection. Pure and jit-safe.
+    """
+    w_sq = G.group_sq_norms(params, labels)
+    new_sq = G.group_sq_norms(new_params, labels)
+    g_sq = G.group_sq_norms(grads, labels)
+    angles = M.angular_update(params, new_params, labels)
+    _, intrinsic = M.intrinsic_grad_sq_norms(grads, params, labels)
+    out = {"lr_w": jnp.asarray(lr_w), "grad_sq_intrinsic": intrinsic}
+    residuals = []
+    for k in w_sq:
+        out[f"norm/{k}"] = jnp.mean(jnp.sqrt(w_sq[k]))
+        out[f"eff_lr/{k}"] = jnp.mean(lr_w / w_sq[k])
+        out[f"angle/{k}"] = jnp.mean(angles[k])
+        residuals.append(jnp.max(jnp.abs(new_sq[k] - w_sq[k] - lr_w ** 2 * g_sq[k])))
+    out["lemma24_residual"] = jnp.max(jnp.stack(residuals)) if residuals else jnp.zeros_like(intrinsic)
+    return out
+
+
+def make_train_step(model: nn.Module, labels, lr_w: optax.Schedule, *, max_traces: int | None = None):
+    """A jitted ``train_step(state, x, y) -> (state, metrics)`` of the two-rate (S)GD in ``state.tx``.
+
+    Train-mode BN (batch statistics): the loss, its gradient, the optimizer update and the new running
+    statistics, plus ``loss``, ``accuracy`` and :func:`step_metrics` of the step, computed inside the
+    jitted function from the gradient that is applied.
+
+    Args:
+      model: the linen model.
+      labels: its label tree (a closure constant, not traced).
+      lr_w: the schedule of the scale-invariant groups (the one in ``state.tx``), evaluated at ``state.step``.
+      max_traces: if set, wrap the step in ``chex.assert_max_traces(n=max_traces)`` before ``jax.jit``,
+        so a retrace raises (chex counts per definition site: call ``chex.clear_trace_counter()`` first).
+    """
+    def train_step(state: TrainState, x, y):
+        def loss_fn(params):
+            return models.batch_loss(model, params, state.batch_stats, x, y, train=True)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+        out = {"loss": loss, "accuracy": accuracy(logits, y)}
+        out.update(step_metrics(state.params, new_state.params, grads, labels, lr_w(state.step)))
+        return new_state, out
+
+    if max_traces is not None:
+        train_step = chex.assert_max_traces(train_step, n=max_traces)
+    return jax.jit(train_step)
+
+
+def make_eval_step(model: nn.Module):
+    """A jitted ``eval_step(state, x, y) -> {'loss', 'accuracy'}`` in eval mode (running BN statistics)."""
+    @jax.jit
+    def eval_step(state: TrainState, x, y):
+        loss, (logits, _) = models.batch_loss(model, state.params, state.batch_stats, x, y, train=False)
+        return {"loss": loss, "accuracy": accuracy(logits, y)}
+
+    return eval_step
+
+
+def evaluate(eval_step, state: TrainState, x, y, chunk: int = EVAL_CHUNK) -> dict[str, float]:
+    """Eval-mode mean loss and accuracy over all of ``(x, y)``, in chunks of at most ``chunk`` examples."""
+    totals: dict[str, float] = {}
+    for i in range(0, len(x), chunk):
+        out = jax.device_get(eval_step(state, x[i:i + chunk], y[i:i + chunk]))
+        n = len(x[i:i + chunk])
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+    return {k: v / len(x) for k, v in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Output.
+
+
+def to_json_value(v):
+    """Python scalars for JSON: arrays of size 1 -> float/int, non-finite floats -> None (strict JSON)."""
+    if isinstance(v, dict):
+        return {k: to_json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [to_json_value(x) for x in v]
+    if isinstance(v, (bool, str)) or v is None:
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path``, flushed line by line."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(to_json_value(record)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (never a partial file)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(to_json_value(obj), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _mean_eff_lr(record: dict) -> float:
+    vals = [v for k, v in record.items() if k.startswith("eff_lr/") and v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+class Progress:
+    """Progress on stdout: a tqdm bar on long runs when stdout is a terminal, else one plain line per
+    logged step (``step 200  loss 0.123  acc 0.97  eff_lr 1.2e-03``; ``eff_lr`` is the mean over groups)."""
+
+    def __init__(self, steps: int, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and steps >= TQDM_MIN_STEPS and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
+
+    def message(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def train(self, r: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{r['loss']:.4g}", acc=f"{r['accuracy']:.3f}",
+                                 eff_lr=f"{_mean_eff_lr(r):.2e}", refresh=False)
+        else:
+            self.message(f"step {r['step']}  loss {r['loss']:.4g}  acc {r['accuracy']:.3f}  "
+                        f"eff_lr {_mean_eff_lr(r):.2e}")
+
+    def eval(self, r: dict) -> None:
+        self.message(f"eval step {r['step']}  {r['split']}_loss {r['loss']:.4g}  {r['split']}_acc {r['accuracy']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def environment() -> dict[str, Any]:
+    """Versions, backend and device of this process, for the summary."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+            "backend": jax.default_backend(), "device": f"{device.platform}:{device.device_kind}",
+            "device_count": jax.device_count()}
+
+
+def summarize_groups(values: dict[str, Any]) -> dict[str, float]:
+    """Per-group scalars (per-channel groups: the mean over channels)."""
+    return {k: float(np.mean(np.asarray(v))) for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+
+def _check_workdir(workdir: str) -> None:
+    for name in (METRICS_FILE, SUMMARY_FILE):
+        if os.path.exists(os.path.join(workdir, name)):
+            raise ConfigError(f"workdir {workdir} already holds a run ({name}); choose another workdir")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} exists and is not a directory")
+
+
+def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
+    """Train ``config.steps`` steps, evaluating on the test split every ``config.eval_every`` steps and
+    at the end; write ``workdir/metrics.jsonl`` and ``workdir/summary.json``; return the summary.
+
+    ``metrics.jsonl``: one JSON object per line, ``{"step", "split": "train", loss, accuracy, lr_w,
+    grad_sq_intrinsic, lemma24_residual, norm/<g>, eff_lr/<g>, angle/<g>}`` every ``config.log_every``
+    steps and at the last step (see :func:`step_metrics`), and ``{"step", "split": "test", loss,
+    accuracy}`` at each evaluation. Non-finite numbers are written as ``null``.
+
+    ``summary.json``: ``final_train_loss`` (train-mode loss of the last step), ``train_eval_loss`` and
+    ``train_eval_accuracy`` (eval mode, whole training split, at the end), ``test_loss``,
+    ``test_accuracy``, ``effective_lr`` (``lr_w(T) / ||w_T||^2`` per group, mean over channels for
+    per-channel groups) and ``effective_lr_min``/``_max``, ``norms``, ``bn`` (the BN variant used),
+    ``wall_time_s``, ``train_time_s`` (the step loop, compilation included), ``config`` and the
+    environment (versions, backend, device). Written atomically.
+
+    Everything that can be wrong with the inputs (the config, the dataset files, the labels, an existing
+    run in ``workdir``) is checked before anything is written, so such a failure leaves no output.
+
+    Raises:
+      ConfigError, DataError, LabelError (all ``ValueError``): bad inputs, one-line messages.
+    """
+    start = time.perf_counter()
+    validate_config(config)
+    _check_workdir(workdir)
+    with precision(config.dtype):
+        dataset = load_dataset(config)
+        setup = create_train_state(config, dataset, jax.random.key(config.seed))
+        state, model, labels, lr_w, _ = setup
+        batch = batch_fn(config, dataset)
+        train_step = make_train_step(model, labels, lr_w)
+        eval_step = make_eval_step(model)
+        bn = config.bn or models.PRESETS[config.preset].bn
+
+        os.makedirs(workdir, exist_ok=True)
+        writer = MetricsWriter(os.path.join(workdir, METRICS_FILE))
+        progress = Progress(config.steps, verbose)
+        mode = "full-batch GD" if config.batch_size == 0 else f"SGD, batch {config.batch_size}"
+        progress.message(f"training {config.arch}/{config.preset} (bn {bn}) on {dataset.name}: "
+                        f"{len(dataset.x_train)} train / {len(dataset.x_test)} test, {mode}, {config.steps} steps, "
+                        f"lr_w {config.lr_w:g}, lr_g {config.lr_g:g} ({config.schedule}), {config.dtype}, "
+                        f"{jax.default_backend()}")
+        last: dict[str, Any] = {}
+        loop_start = time.perf_counter()
+        try:
+            for t in range(config.steps):
+                x, y = batch(t)
+                state, step_out = train_step(state, x, y)
+                progress.advance()
+                if t % config.log_every == 0 or t == config.steps - 1:
+                    last = {"step": t, "split": "train", **to_json_value(jax.device_get(step_out))}
+                    writer.write(last)
+                    progress.train(last)
+                done = t + 1
+                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                    record = {"step": done, "split": "test",
+                              **evaluate(eval_step, state, dataset.x_test, dataset.y_test)}
+                    writer.write(record)
+                    progress.eval(record)
+            test = {"step": config.steps, "split": "test",
+                    **evaluate(eval_step, state, dataset.x_test, dataset.y_test)}
+            writer.write(test)
+            progress.eval(test)
+            train_time = time.perf_counter() - loop_start
+        finally:
+            writer.close()
+            progress.close()
+
+        train_eval = evaluate(eval_step, state, dataset.x_train, dataset.y_train)
+        eff = summarize_groups(M.effective_lr(lr_w(config.steps), state.params, labels))
+        norms = summarize_groups(M.group_norms(state.params, labels))
+        summary = {
+            "steps": config.steps,
+            "final_train_loss": last.get("loss"),
+            "final_train_accuracy": last.get("accuracy"),
+            "train_eval_loss": train_eval["loss"],
+            "train_eval_accuracy": train_eval["accuracy"],
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "effective_lr": eff,
+            "effective_lr_min": min(eff.values()) if eff else None,
+            "effective_lr_max": max(eff.values()) if eff else None,
+            "norms": norms,
+            "bn": bn,
+            "dataset": {"name": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test)},
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - start,
+            "config": dataclasses.asdict(config),
+            **environment(),
+        }
+    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+    progress.message(f"done: test loss {summary['test_loss']:.4g}  test acc {summary['test_accuracy']:.4f}  "
+                    f"wall {summary['wall_time_s']:.1f}s  -> {os.path.join(workdir, SUMMARY_FILE)}")
+    return to_json_value(summary)
+
+
+__all__ = ["ConfigError", "TrainSetup", "TrainState", "accuracy", "batch_fn", "create_train_state",
+           "evaluate", "load_dataset", "make_eval_step", "make_train_step", "precision", "step_metrics",
+           "train_and_evaluate", "validate_config"]
