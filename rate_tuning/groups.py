@@ -215,7 +215,9 @@ def verify_labels(loss_fn: Callable, params, labels, *, scales: Sequence[float] 
     rng = np.random.default_rng(seed)
     report, failures = {}, []
     for name, paths in groups.items():
-        where = f"parameter{'s' if len(paths) > 1 else ''} {', '.join(paths)} (group {name!r})"
+        plural = len(paths) > 1
+        where = (f"parameter{'s' if plural else ''} {', '.join(paths)} (group {name!r}) "
+                 f"{'are' if plural else 'is'}")
         shape = np.shape(w_sq[name])
         worst, worst_c = 0.0, None
         for c in scales:
@@ -228,10 +230,10 @@ def verify_labels(loss_fn: Callable, params, labels, *, scales: Sequence[float] 
         cos = np.where(tiny, 0.0, np.abs(np.asarray(inner[name])) / np.where(tiny, 1.0, scale))
         worst_cos = float(np.max(cos))
         if not worst <= tol:
-            failures.append(f"{where} is labelled 'si' but the loss is not scale-invariant in it: "
+            failures.append(f"{where} labelled 'si' but the loss is not scale-invariant in it: "
                             f"|L(c*w) - L(w)|/max(|L|,1) = {worst:.2e} at c = {worst_c:g} > tolerance {tol:.1e}")
         elif not worst_cos <= tol:
-            failures.append(f"{where} is labelled 'si' but its gradient is not orthogonal to it: "
+            failures.append(f"{where} labelled 'si' but the gradient is not orthogonal to it: "
                             f"|cos(grad, w)| = {worst_cos:.2e} > tolerance {tol:.1e}")
         report[name] = {"invariance": worst, "cosine": worst_cos}
     if failures:

@@ -13,8 +13,8 @@ def get_config() -> Config:
         lr_g=0.1,
         schedule="constant",
         batch_size=128,
-        steps=3000,
-        eval_every=500,
+        steps=10000,
+        eval_every=1000,
         log_every=100,
         seed=0,
     )
