@@ -101,7 +101,7 @@ def lanczos(
     dtype: Any = None,
     breakdown_tol: float | None = None,
 ):
-    """Lanczos with full reorthogonalisation for a symmetric linear operator; returns Ritz values.
+    """Lanczos with full reorthogonalisation for a real symmetric linear operator; returns Ritz values.
 
     Math: builds an orthonormal basis ``Q = [q_0..q_{k-1}]`` of the Krylov space of ``v0`` and the
     tridiagonal ``T = Q^T A Q`` (``alpha_j = <q_j, A q_j>``, ``beta_j = ||A q_j - alpha_j q_j -
@@ -109,15 +109,17 @@ def lanczos(
     eigenvalues of ``T``; its extreme ones converge first to the extreme (algebraic) eigenvalues of ``A``,
     unlike power iteration, which returns the eigenvalue of largest magnitude. Breakdown
     (``beta_j <= breakdown_tol * ||A||_est``: the Krylov space is invariant) is handled by restarting from a
-    fresh random vector orthogonal to ``Q`` with ``beta_j = 0``; ``T`` is then block diagonal and every
-    Ritz value is still a Ritz value of ``A`` (with ``num_steps >= dim`` the Ritz values are the whole
-    spectrum, multiplicities included). ``num_steps`` is clipped to the dimension.
+    fresh vector orthogonal to ``Q`` (the coordinate vector least represented in ``span(Q)``,
+    re-orthogonalised) with ``beta_j = 0``; ``T`` is then block diagonal and still equals ``Q^T A Q`` (to the
+    breakdown tolerance), so its eigenvalues are Ritz values of ``A`` on ``span(Q)``; with
+    ``num_steps >= dim`` they are the whole spectrum, multiplicities included. ``num_steps`` is clipped to
+    the dimension. Cost: one ``matvec`` and ``O(k n)`` flops per step, ``(k + 1) n`` memory.
 
     Args:
       matvec: ``v -> A v``, on flat vectors if ``dim_or_example`` is an int, else on pytrees shaped like it.
       dim_or_example: the dimension ``n`` (flat vectors) or an example pytree (its values are ignored).
       num_steps: number of Lanczos steps ``k`` (static).
-      key: PRNG key for the start vector (unless ``v0``) and for restarts after breakdown.
+      key: PRNG key for the random start vector (unused when ``v0`` is given).
       v0: optional start vector (flat or pytree, like the operator's input); must be non-zero.
       return_vectors: also return the Ritz vectors.
       dtype: dtype of flat vectors when ``dim_or_example`` is an int (default: JAX's default float).
@@ -150,10 +152,9 @@ def lanczos(
     k = max(1, min(int(num_steps), n))
     eps = jnp.finfo(dt).eps
     tol = 100.0 * eps if breakdown_tol is None else breakdown_tol
-    key_start, key_restart = jax.random.split(key)
 
     if v0 is None:
-        q0 = jax.random.normal(key_start, (n,), dt)
+        q0 = jax.random.normal(key, (n,), dt)
     elif unravel is None:
         q0 = jnp.asarray(v0, dt).reshape(n)
     else:
@@ -177,7 +178,10 @@ def lanczos(
         beta = jnp.linalg.norm(w)
         anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev)
         broke = beta <= tol * anorm
-        r = jax.random.normal(jax.random.fold_in(key_restart, j), (n,), dt)
+        # Restart vector: the coordinate vector e_i least represented in span(Q). Its component outside
+        # span(Q) has squared norm 1 - sum_r Q[r, i]^2 >= 1 - (j + 1) / n > 0 (the column sums of Q*Q
+        # add up to j + 1), so it never degenerates, and no random numbers are drawn inside the loop.
+        r = jax.nn.one_hot(jnp.argmin(jnp.sum(Q * Q, axis=0)), n, dtype=dt)
         r = _reorthogonalize(Q, r)
         r = r / jnp.linalg.norm(r)
         q_next = jnp.where(broke, r, w / jnp.where(broke, jnp.ones_like(beta), beta))
@@ -252,7 +256,7 @@ def _flat_with_labels(params, labels):
     for leaf, lab in zip(leaves, labs):
         if lab.kind != "si":
             continue
-        if lab.per_channel and jnp.ndim(leaf) < 1:
+        if lab.per_channel and len(leaf.shape) < 1:
             raise ValueError(f"per-channel group {lab.group!r} needs leaves with a channel axis")
         if per_channel.setdefault(lab.group, lab.per_channel) != lab.per_channel:
             raise ValueError(f"group {lab.group!r} mixes per_channel=True and per_channel=False leaves")
@@ -357,19 +361,21 @@ def si_group_masks(params: PyTree, labels: PyTree):
     """Indicator pytrees of the individual SI groups and of the scale-variant part.
 
     Args:
-      params: a point (only shapes and dtypes are used).
+      params: a point, or a pytree of ``jax.ShapeDtypeStruct`` (only shapes and dtypes are used).
       labels: its label tree.
 
     Returns:
       ``(names, w_masks, g_mask)``: ``names[i]`` is the group name (``'name[c]'`` for channel ``c`` of a
-      per-channel group), ``w_masks[i]`` a 0/1 pytree selecting group ``i``, ``g_mask`` selecting every
-      ``'variant'`` leaf. Frozen leaves are in no mask.
+      per-channel group), in the order of first appearance among the flattened leaves; ``w_masks[i]`` a
+      0/1 pytree of numpy arrays selecting group ``i``; ``g_mask`` selects every ``'variant'`` leaf.
+      Frozen leaves are in no mask.
     """
     leaves, labs, treedef = _flat_with_labels(params, labels)
+    shapes = [(tuple(leaf.shape), np.dtype(leaf.dtype)) for leaf in leaves]
     groups: dict[str, tuple[bool, int]] = {}
-    for leaf, lab in zip(leaves, labs):
+    for (shape, _), lab in zip(shapes, labs):
         if lab.kind == "si":
-            ch = jnp.shape(leaf)[-1] if lab.per_channel else 1
+            ch = shape[-1] if lab.per_channel else 1
             if lab.group in groups and groups[lab.group][1] != ch:
                 raise ValueError(f"per-channel group {lab.group!r} has leaves with different channel counts")
             groups[lab.group] = (lab.per_channel, ch)
@@ -377,18 +383,18 @@ def si_group_masks(params: PyTree, labels: PyTree):
     for name, (pc, ch) in groups.items():
         for c in range(ch):
             m = []
-            for leaf, lab in zip(leaves, labs):
+            for (shape, dt), lab in zip(shapes, labs):
+                x = np.zeros(shape, dt)
                 if lab.kind == "si" and lab.group == name:
                     if pc:
-                        m.append(jnp.zeros_like(leaf).at[..., c].set(1))
+                        x[..., c] = 1
                     else:
-                        m.append(jnp.ones_like(leaf))
-                else:
-                    m.append(jnp.zeros_like(leaf))
+                        x[...] = 1
+                m.append(x)
             names.append(f"{name}[{c}]" if pc else name)
             masks.append(jax.tree.unflatten(treedef, m))
     g_mask = jax.tree.unflatten(
-        treedef, [jnp.ones_like(l) if lab.kind == "variant" else jnp.zeros_like(l) for l, lab in zip(leaves, labs)]
+        treedef, [np.full(shape, lab.kind == "variant", dt) for (shape, dt), lab in zip(shapes, labs)]
     )
     return names, masks, g_mask
 
@@ -398,7 +404,7 @@ def si_group_masks(params: PyTree, labels: PyTree):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SmoothnessConstants:
     """Estimated Hessian-block bounds of the smoothness assumption on the unit set (A1).
 
@@ -443,9 +449,12 @@ def smoothness_constants(
     of the scale-variant part (:func:`si_group_masks`):
 
     * diagonal blocks ``||H_{w_i w_i}||`` and ``||H_gg||``: ``max(|lambda_min|, |lambda_max|)`` of
-      ``v -> M H M v`` by one Lanczos run (both ends);
-    * off-diagonal blocks ``||H_{w_i w_j}|| = sqrt(lambda_max(H_{w_j w_i} H_{w_i w_j}))`` by Lanczos on the
-      PSD operator ``v -> M_j H (M_i H (M_j v))`` (likewise ``||H_{g w_i}||`` with ``M_g``).
+      ``v -> M H M v`` (Lanczos, both ends);
+    * off-diagonal blocks ``||H_{w_i w_j}||`` (and ``||H_{g w_i}||`` with ``M_g``): ``lambda_max`` of the
+      Jordan-Wielandt operator ``v -> M_i H M_j v + M_j H M_i v`` (Lanczos, both ends). On
+      ``span(i) + span(j)`` it is ``[[0, H_ij], [H_ji, 0]]``, whose eigenvalues are ``+-sigma_k(H_ij)``, so
+      its top eigenvalue is ``||H_ij||_2 = sqrt(lambda_max(H_ji H_ij))`` without squaring the condition
+      number; one batched pair of masked HVPs per step, and one vmapped Lanczos serves every block.
 
     The result is a max over sampled points, hence a lower estimate of the supremum in A1 (exact when the
     block norm does not depend on the point, e.g. a quadratic ``g``-part).
@@ -464,53 +473,60 @@ def smoothness_constants(
     Paper: smoothness assumption on the unit set (A1; constants named ``L^{gg}``, ``L^{gw}_i``,
     ``L^{ww}_{ij}`` from recollection), used by the proof chain I2-I4 and claims C14, C15.
     """
-    example = unit_normalize(params_sampler(jax.random.fold_in(key, 0)), labels)
+    if num_points < 1:
+        raise ValueError("smoothness_constants needs num_points >= 1")
+    example = jax.eval_shape(params_sampler, key)
     names, w_masks, g_mask = si_group_masks(example, labels)
     m = len(names)
-    has_g = any(bool(jnp.any(l > 0)) for l in jax.tree.leaves(g_mask))
-    dtype = jnp.result_type(*jax.tree.leaves(example))
-
+    has_g = any(bool(np.any(leaf > 0)) for leaf in jax.tree.leaves(g_mask))
+    dtype = jnp.result_type(*[leaf.dtype for leaf in jax.tree.leaves(example)])
+    # Blocks as data, so one vmapped Lanczos serves all of them (one compilation whatever m is).
+    # Order: diagonal blocks w_0..w_{m-1}, g; then pairs (w_i, w_j), i < j; then (g, w_i).
+    blocks = [(a, a) for a in range(m)] + ([(m, m)] if has_g else [])
+    blocks += [(i, j) for i in range(m) for j in range(i + 1, m)]
+    blocks += [(m, i) for i in range(m)] if has_g else []
+    if not blocks:
+        raise ValueError("the label tree has neither 'si' nor 'variant' leaves")
+    all_masks = w_masks + [g_mask]
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    np_stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)  # noqa: E731
+    left = np_stack([all_masks[a] for a, _ in blocks])
+    right = np_stack([all_masks[b] for _, b in blocks])
+    is_diag = jnp.asarray([a == b for a, b in blocks])
     mul = lambda a, b: jax.tree.map(jnp.multiply, a, b)  # noqa: E731
 
-    def at_point(p_key):
-        pkey, lkey = p_key
+    def at_point(pkey, lkey):
         params = unit_normalize(params_sampler(pkey), labels)
-        H = lambda v: hvp(loss, params, v)  # noqa: E731
+        flat, unravel = ravel_pytree(params)
+        H2 = jax.vmap(lambda v: hvp(loss, params, v))  # two HVPs in one batched call
 
-        def start(mask, k):
-            return mul(mask, jax.tree.map(lambda x: jax.random.normal(k, x.shape, x.dtype), params))
+        def block_norm(ma, mb, diag, k):
+            # S v = M_a H M_b v + M_b H M_a v: 2 M_a H M_a on a diagonal block; for disjoint a, b the
+            # Jordan-Wielandt matrix [[0, H_ab], [H_ba, 0]] whose eigenvalues are +-singular values of H_ab.
+            def op(v):
+                hv = H2(stack([mul(mb, v), mul(ma, v)]))
+                return jax.tree.map(lambda x, y, h: x * h[0] + y * h[1], ma, mb, hv)
 
-        def diag_norm(mask, k):
-            ritz = lanczos(lambda v: mul(mask, H(mul(mask, v))), params, lanczos_steps, k, v0=start(mask, k))
-            return jnp.maximum(jnp.abs(ritz[0]), jnp.abs(ritz[-1]))
+            v0 = mul(jax.tree.map(jnp.add, ma, mb), unravel(jax.random.normal(k, flat.shape, flat.dtype)))
+            ritz = lanczos(op, params, lanczos_steps, k, v0=v0)
+            top = jnp.maximum(jnp.abs(ritz[0]), jnp.abs(ritz[-1]))
+            return jnp.where(diag, 0.5 * top, top)
 
-        def off_norm(mask_i, mask_j, k):
-            op = lambda v: mul(mask_j, H(mul(mask_i, H(mul(mask_j, v)))))  # noqa: E731
-            top = lanczos(op, params, lanczos_steps, k, v0=start(mask_j, k))[-1]
-            return jnp.sqrt(jnp.maximum(top, 0.0))
-
+        vals = jax.vmap(block_norm)(left, right, is_diag, jax.random.split(lkey, len(blocks)))
         Lww = jnp.zeros((m, m), dtype)
-        c = 0
-        for i in range(m):
-            for j in range(i, m):
-                kk = jax.random.fold_in(lkey, c)
-                c += 1
-                val = diag_norm(w_masks[i], kk) if i == j else off_norm(w_masks[i], w_masks[j], kk)
-                Lww = Lww.at[i, j].set(val).at[j, i].set(val)
-        if has_g:
-            Lgw = jnp.stack([off_norm(g_mask, w_masks[i], jax.random.fold_in(lkey, c + 1 + i)) for i in range(m)]) \
-                if m else jnp.zeros((0,), dtype)
-            Lgg = diag_norm(g_mask, jax.random.fold_in(lkey, c))
-        else:
-            Lgw = jnp.zeros((m,), dtype)
-            Lgg = jnp.zeros((), dtype)
+        for c, (a, b) in enumerate(blocks):
+            if a < m and b < m:
+                Lww = Lww.at[a, b].set(vals[c]).at[b, a].set(vals[c])
+        Lgw = jnp.stack([vals[blocks.index((m, i))] for i in range(m)]) if has_g and m else jnp.zeros((m,), dtype)
+        Lgg = vals[blocks.index((m, m))] if has_g else jnp.zeros((), dtype)
         return Lww, Lgw, Lgg
 
     pkeys = jnp.stack([jax.random.fold_in(key, p) for p in range(num_points)])
     lkeys = jnp.stack([jax.random.fold_in(key, num_points + p) for p in range(num_points)])
-    Lww, Lgw, Lgg = jax.lax.map(jax.jit(at_point), (pkeys, lkeys))
-    Lww, Lgw, Lgg = np.asarray(Lww), np.asarray(Lgw), np.asarray(Lgg)
-    L_ww = Lww.max(axis=0) if num_points else np.zeros((m, m))
+    at_point = jax.jit(at_point)  # compiled once, run at every point
+    outs = [jax.device_get(at_point(pkeys[p], lkeys[p])) for p in range(num_points)]
+    Lww, Lgw, Lgg = (np.stack(x) for x in zip(*outs))
+    L_ww = Lww.max(axis=0)
     return SmoothnessConstants(
         L_ww=L_ww,
         L_gw=Lgw.max(axis=0),

@@ -48,8 +48,14 @@ def schedule(name: str, lr: float) -> optax.Schedule:
 
 
 def check_learning_rate(name: str, lr: LearningRate) -> None:
-    """Raise ``ValueError`` unless ``lr`` (a number, or a schedule's value at step 0) is finite and > 0."""
+    """Raise ``ValueError`` unless ``lr`` (a number, or a schedule's value at step 0) is finite and > 0.
+
+    A traced value (a learning rate passed as an argument of a jitted or vmapped function) cannot be
+    inspected and is accepted: validate the concrete values before tracing (see :mod:`rate_tuning.sweep`).
+    """
     value = lr(0) if callable(lr) else lr
+    if isinstance(value, jax.core.Tracer):
+        return
     try:
         value = float(value)
     except (TypeError, ValueError):
