@@ -6,8 +6,11 @@ is computed from ``measured``, ``bound``, ``relation`` and ``tolerance`` here, i
 * ``'<='``: ``measured <= bound + tolerance``;
 * ``'>='``: ``measured >= bound - tolerance``;
 * ``'=='``: ``|measured - bound| <= tolerance``;
-* ``'>'`` : ``measured > bound + tolerance`` (a violation that must be clearly above round-off, used by
-  negative controls).
+* ``'>'`` : ``measured > bound + tolerance``.
+
+A negative control carries the claim's own relation: it is *confirmed* when that relation fails on a
+measured number. A NaN measurement is no measurement, so it never confirms a control (a divergence to
+infinity does: record it as ``inf``).
 """
 from __future__ import annotations
 
@@ -78,8 +81,11 @@ class Evidence:
 
     @property
     def ok(self) -> bool:
-        """The verdict for the report: a claim record must pass, a negative control must not."""
-        return self.passed != self.negative_control
+        """The verdict for the report: a claim record must pass; a negative control must fail on a
+        measured (non-NaN) number."""
+        if self.negative_control:
+            return not self.passed and not math.isnan(float(self.measured))
+        return self.passed
 
     @property
     def margin(self) -> float:

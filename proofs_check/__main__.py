@@ -1,0 +1,101 @@
+"""``python -m proofs_check``: run the paper's claims and write the report.
+
+Usage::
+
+    python -m proofs_check [--quick] [--claims C1,C4] [--out DIR] [--list]
+
+Runs the claims (all of them by default) with their full settings, or their quick ones with ``--quick``;
+prints one line per claim as it finishes (id, verdict, records, negative controls confirmed, seconds);
+writes ``report.md``, ``evidence.json``, ``curves.json`` and ``plots/`` into ``DIR`` (default ``report/``)
+and prints where. Exit status: 0 if every claim passes and every negative control is violated, 1
+otherwise, 2 on a usage error (e.g. an unknown claim id: nothing is run or written).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import traceback
+
+from proofs_check import claims as C
+from proofs_check import report as R
+
+PROG = "proofs_check"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Check the claims of Arora, Li & Lyu (ICLR 2019) "
+                                "numerically and write a report.")
+    p.add_argument("--quick", action="store_true", help="the quick settings (small models, few points)")
+    p.add_argument("--claims", metavar="IDS", help="comma-separated claim ids, e.g. C1,C4 (default: all)")
+    p.add_argument("--out", metavar="DIR", default="report", help="report directory (default: report/)")
+    p.add_argument("--list", action="store_true", help="list the claims and exit")
+    return p
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _select(spec: str | None, registry: dict) -> list[str] | str:
+    """The claim ids asked for, in the order given (duplicates dropped), or an error message."""
+    if spec is None:
+        return list(registry)
+    ids = []
+    for part in spec.split(","):
+        cid = part.strip().upper()
+        if cid and cid not in ids:
+            ids.append(cid)
+    if not ids:
+        return "no claim given to --claims"
+    unknown = [c for c in ids if c not in registry]
+    if unknown:
+        return f"unknown claim {', '.join(unknown)}; known: {', '.join(registry)}"
+    return ids
+
+
+def _line(result, error) -> str:
+    controls = [e for e in result.evidence if e.negative_control]
+    confirmed = sum(R.record_ok(e) for e in controls)
+    verdict = "PASS" if R.claim_ok(result, error) else ("ERROR" if error else "FAIL")
+    return (f"{result.claim.id:<5} {verdict:<5} {len(result.evidence) - len(controls):>3} records  "
+            f"{confirmed}/{len(controls)} controls confirmed  {result.seconds:7.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    registry = C.load_all()
+    if args.list:
+        for c in registry.values():
+            print(f"{c.id:<5} {c.paper_ref}: {c.statement}")
+        return 0
+    ids = _select(args.claims, registry)
+    if isinstance(ids, str):
+        return _error(ids)
+    start = time.perf_counter()
+    results, errors = [], {}
+    for cid in ids:
+        claim = registry[cid]
+        t0 = time.perf_counter()
+        try:
+            result = C.run(claim, quick=args.quick)
+        except Exception:  # a broken check fails its claim; the others still run and are reported
+            result = C.ClaimResult(claim, [], time.perf_counter() - t0)
+            errors[cid] = traceback.format_exc()
+        print(_line(result, errors.get(cid)), flush=True)
+        results.append(result)
+    command = " ".join(["python -m proofs_check", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    try:
+        paths = R.write_report(results, args.out, quick=args.quick, errors=errors, command=command,
+                               wall_seconds=time.perf_counter() - start)
+    except OSError as exc:
+        return _error(f"could not write the report to {args.out}: {exc}")
+    status = R.exit_status(results, errors)
+    print(f"{'PASS' if status == 0 else 'FAIL'}: report written to {paths['report']}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

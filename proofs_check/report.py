@@ -1,0 +1,477 @@
+"""The report of a run: ``report.md``, ``evidence.json``, ``curves.json`` and plots, written atomically.
+
+From a list of :class:`proofs_check.claims.ClaimResult`:
+
+* ``report.md``: a header (date, JAX version and backend, precision note, the overall verdict), an
+  overview table, one section per claim with its records (setting, measured, relation, bound, tolerance,
+  margin, verdict) and its negative controls in their own table (``violated as required`` /
+  ``NOT violated (broken check)``), links to the plots, and a summary (claims passed / failed, controls
+  confirmed / broken, wall time per claim);
+* ``evidence.json``: every record (:meth:`proofs_check.evidence.Evidence.to_dict`, curves removed) with the
+  claim's metadata; read it back with :func:`load_evidence`;
+* ``curves.json`` and ``plots/<claim>_<name>.png``: the curves that checks attach to a record.
+
+**Curve convention.** A check may put curves in a record's details::
+
+    details["curves"] = {name: {"x": [...], "y": [...], "xlabel": "step", "ylabel": "||w_t||^2",
+                                "logy": True}}
+
+Optional keys: ``"logx"`` (bool), ``"title"`` (str); ``"y"`` may also be a dict ``{label: [...]}`` of series
+that share ``x``. Each curve is drawn into ``plots/<claim>_<name>.png`` (the name reduced to
+``[A-Za-z0-9._-]``; a numeric suffix keeps names unique) and linked from ``report.md``. On a log axis,
+non-positive and non-finite points are left out. A curve that cannot be drawn is reported, not fatal.
+
+**Verdicts.** A claim record is ``ok`` when its relation holds; a negative control when it does not, and
+its measured value is a finite number (a NaN is never a confirmed violation). A claim passes when it has
+records and all are ``ok``; the run passes when every claim does (:func:`exit_status`).
+
+**Atomicity.** Everything is written into a fresh temporary directory beside ``out_dir`` and then moved
+into place: a rename when ``out_dir`` does not exist yet, else one ``os.replace`` per file (``report.md``
+last, so it never links a file that is not there yet). If anything fails, the temporary directory is
+removed and ``out_dir`` is left as it was (or absent).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from proofs_check.claims import ClaimResult
+from proofs_check.evidence import Evidence
+
+SCHEMA_VERSION = 1
+REPORT = "report.md"
+EVIDENCE = "evidence.json"
+CURVES = "curves.json"
+PLOTS = "plots"
+
+CONTROL_CONFIRMED = "violated as required"
+CONTROL_BROKEN = "NOT violated (broken check)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verdicts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def record_ok(e: Evidence) -> bool:
+    """A claim record holds; a negative control is violated (:attr:`Evidence.ok`)."""
+    return bool(e.ok)
+
+
+def claim_ok(result: ClaimResult, error: str | None = None) -> bool:
+    """The claim ran, produced records, and every record is :func:`record_ok`."""
+    return error is None and bool(result.evidence) and all(record_ok(e) for e in result.evidence)
+
+
+def exit_status(results: Sequence[ClaimResult], errors: Mapping[str, str] | None = None) -> int:
+    """0 if every claim passes (records hold, every negative control violated), else 1."""
+    errors = errors or {}
+    ok = bool(results) and all(claim_ok(r, errors.get(r.claim.id)) for r in results)
+    return 0 if ok else 1
+
+
+def summary(results: Sequence[ClaimResult], errors: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Counts: claims passed / failed, records, controls confirmed / broken, and total seconds."""
+    errors = errors or {}
+    passed = [r.claim.id for r in results if claim_ok(r, errors.get(r.claim.id))]
+    failed = [r.claim.id for r in results if r.claim.id not in passed]
+    controls = [(r.claim.id, e) for r in results for e in r.evidence if e.negative_control]
+    checks = [(r.claim.id, e) for r in results for e in r.evidence if not e.negative_control]
+    return {
+        "claims": len(results),
+        "claims_passed": passed,
+        "claims_failed": failed,
+        "records": len(checks),
+        "records_failed": sum(not record_ok(e) for _, e in checks),
+        "controls": len(controls),
+        "controls_confirmed": sum(record_ok(e) for _, e in controls),
+        "controls_broken": [f"{cid}: {e.setting}" for cid, e in controls if not record_ok(e)],
+        "seconds": float(sum(r.seconds for r in results)),
+        "verdict": "PASS" if exit_status(results, errors) == 0 else "FAIL",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON
+# ---------------------------------------------------------------------------------------------------------
+
+_NONFINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _jsonable(x):
+    """Plain JSON data: numpy scalars and arrays become Python numbers and lists, non-finite floats the
+    strings ``'NaN'``, ``'Infinity'``, ``'-Infinity'`` (strict JSON has no such numbers)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return "NaN"
+        if math.isinf(x):
+            return "Infinity" if x > 0 else "-Infinity"
+        return x
+    if x is None or isinstance(x, str):
+        return x
+    return str(x)
+
+
+def _float(v) -> float:
+    return _NONFINITE[v] if isinstance(v, str) and v in _NONFINITE else float(v)
+
+
+def evidence_from_dict(d: Mapping[str, Any]) -> Evidence:
+    """The :class:`Evidence` of a record of ``evidence.json`` (its curves are in ``curves.json``)."""
+    details = dict(d.get("details", {}))
+    return Evidence(claim=d["claim"], setting=d["setting"], measured=_float(d["measured"]),
+                    bound=_float(d["bound"]), relation=d["relation"], tolerance=_float(d["tolerance"]),
+                    dtype=d["dtype"], bn=d["bn"], negative_control=bool(d["negative_control"]), details=details)
+
+
+def load_evidence(path: str | os.PathLike) -> dict[str, Any]:
+    """``evidence.json`` (a file, or the report directory), with every record also as an :class:`Evidence`
+    under ``claims[i]['evidence']``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EVIDENCE
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for c in data["claims"]:
+        c["evidence"] = [evidence_from_dict(r) for r in c["records"]]
+    return data
+
+
+def _environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "numpy": np.__version__, "cpu_count": os.cpu_count()}
+    try:
+        import jax
+        env["jax"] = jax.__version__
+        try:
+            import jaxlib
+            env["jaxlib"] = getattr(jaxlib, "__version__", "?")
+        except ImportError:  # pragma: no cover
+            env["jaxlib"] = "?"
+        env["backend"] = jax.default_backend()
+        env["devices"] = [str(d) for d in jax.devices()]
+        env["x64_default"] = bool(jax.config.read("jax_enable_x64"))
+    except Exception as exc:  # pragma: no cover - the report must not fail on an odd environment
+        env["jax"] = f"unavailable ({type(exc).__name__})"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _safe_name(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")
+    return (s or "curve")[:80]
+
+
+def _series(curve: Mapping) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``x`` and the named ``y`` series of a curve; ``ValueError`` if malformed."""
+    if "x" not in curve or "y" not in curve:
+        raise ValueError("a curve needs 'x' and 'y'")
+    x = np.asarray([_float(v) for v in curve["x"]], np.float64)
+    ys = curve["y"] if isinstance(curve["y"], Mapping) else {"": curve["y"]}
+    out = {}
+    for label, y in ys.items():
+        y = np.asarray([_float(v) for v in y], np.float64)
+        if y.shape != x.shape or x.ndim != 1:
+            raise ValueError(f"x has {x.size} points but y{f' {label!r}' if label else ''} has {y.size}")
+        out[str(label)] = y
+    return x, out
+
+
+def _plot(curve: Mapping, path: Path, title: str) -> None:
+    """Draw one curve into ``path`` (PNG) with matplotlib's Agg canvas (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x, ys = _series(curve)
+    logx, logy = bool(curve.get("logx", False)), bool(curve.get("logy", False))
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = 0
+    for label, y in ys.items():
+        keep = np.isfinite(x) & np.isfinite(y)
+        if logx:
+            keep &= x > 0
+        if logy:
+            keep &= y > 0
+        if keep.any():
+            ax.plot(x[keep], y[keep], marker="." if keep.sum() <= 50 else None, label=label or None)
+            drawn += 1
+    if not drawn:
+        raise ValueError("no finite point to draw" + (" on a log axis" if logx or logy else ""))
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(str(curve.get("xlabel", "")))
+    ax.set_ylabel(str(curve.get("ylabel", "")))
+    ax.set_title(str(curve.get("title", title)), fontsize=9)
+    if any(ys) and len(ys) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.3e}"
+
+
+def _cell(s) -> str:
+    return " ".join(str(s).split()).replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(results, errors, plots, plot_errors, env, meta) -> str:
+    s = summary(results, errors)
+    n_claims = len(results)
+    lines = [
+        "# proofs_check report",
+        "",
+        "Numerical checks of the claims of Arora, Li & Lyu, \"Theoretical Analysis of Auto Rate-Tuning by Batch "
+        "Normalization\" (ICLR 2019).",
+        "",
+        f"- Generated: {meta['generated_utc']}",
+        f"- Settings: {meta['mode']}" + (f"; command: `{meta['command']}`" if meta.get("command") else ""),
+        f"- JAX {env.get('jax', '?')} (jaxlib {env.get('jaxlib', '?')}), backend {env.get('backend', '?')} "
+        f"({', '.join(env.get('devices', [])) or '?'}); Python {env['python']}, numpy {env['numpy']}, "
+        f"{env['platform']}, {env['cpu_count']} CPUs",
+        "- Precision: checks run in float64, with x64 enabled at each check's entry (not globally); the "
+        "dtype column says what each record used. Tolerances are derived (see `docs/derivations.md`).",
+        f"- Wall time: {_fmt(s['seconds'])} s in the checks"
+        + (f", {_fmt(meta['wall_seconds'])} s in all" if meta.get("wall_seconds") is not None else ""),
+        "",
+        f"**Verdict: {s['verdict']}** — {len(s['claims_passed'])}/{n_claims} claims passed; "
+        f"{s['controls_confirmed']}/{s['controls']} negative controls violated as required.",
+        "",
+        "A record's *margin* is the signed slack of its relation (positive when the relation holds). A negative "
+        "control breaks one hypothesis on purpose: it is confirmed when the claim's relation fails for it (its "
+        "margin is then negative); a control that holds means the check could not have failed.",
+        "",
+        "## Overview",
+        "",
+    ]
+    rows = []
+    for r in results:
+        c, err = r.claim, errors.get(r.claim.id)
+        ctrl = [e for e in r.evidence if e.negative_control]
+        rows.append([f"[{c.id}](#{c.id.lower()})", c.paper_ref, c.statement,
+                     sum(not e.negative_control for e in r.evidence),
+                     f"{sum(record_ok(e) for e in ctrl)}/{len(ctrl)}", _fmt(r.seconds),
+                     "PASS" if claim_ok(r, err) else ("ERROR" if err else "FAIL")])
+    lines += _table(["id", "paper location", "statement", "records", "controls confirmed", "seconds", "verdict"],
+                    rows)
+    for r in results:
+        c, err = r.claim, errors.get(r.claim.id)
+        verdict = "PASS" if claim_ok(r, err) else ("ERROR" if err else "FAIL")
+        lines += ["", f"## {c.id}", "",
+                  f"**{c.id}** ({c.paper_ref}): {_cell(c.statement)}", "",
+                  f"- Hypotheses: {_cell(c.hypotheses)}",
+                  f"- Verdict: **{verdict}** ({_fmt(r.seconds)} s)"]
+        if c.negative_controls:
+            lines.append("- Negative controls (each breaks one hypothesis): "
+                         + "; ".join(_cell(n) for n in c.negative_controls))
+        if err:
+            lines += ["", f"**ERROR**: `{_cell(err.strip().splitlines()[-1] if err.strip() else err)}`"]
+            lines += ["", "<details><summary>traceback</summary>", "", "```", err.rstrip(), "```", "", "</details>"]
+        checks = [e for e in r.evidence if not e.negative_control]
+        controls = [e for e in r.evidence if e.negative_control]
+        if checks:
+            lines += ["", "### Records", ""]
+            lines += _table(
+                ["id", "setting", "measured", "relation", "bound", "tolerance", "margin", "BN", "dtype", "verdict"],
+                [[c.id, e.setting, _fmt(e.measured), e.relation, _fmt(e.bound), _fmt(e.tolerance), _fmt(e.margin),
+                  e.bn, e.dtype, "pass" if record_ok(e) else "FAIL"] for e in checks])
+        if controls:
+            lines += ["", "### Negative controls", ""]
+            lines += _table(
+                ["id", "setting", "measured", "claim's relation", "bound", "tolerance", "margin", "BN", "dtype",
+                 "verdict"],
+                [[c.id, e.setting, _fmt(e.measured), e.relation, _fmt(e.bound), _fmt(e.tolerance), _fmt(e.margin),
+                  e.bn, e.dtype, CONTROL_CONFIRMED if record_ok(e) else CONTROL_BROKEN] for e in controls])
+        if not r.evidence and not err:
+            lines += ["", "No records: the claim cannot pass."]
+        mine = [p for p in plots if p["claim"] == c.id]
+        bad = [p for p in plot_errors if p["claim"] == c.id]
+        if mine or bad:
+            lines += ["", "### Plots", ""]
+            for p in mine:
+                lines += [f"![{_cell(p['name'])}]({p['file']})", "",
+                          f"*{_cell(p['name'])}* — {_cell(p['setting'])}", ""]
+            for p in bad:
+                lines.append(f"- curve *{_cell(p['name'])}* could not be drawn: {_cell(p['error'])}")
+    lines += ["", "## Summary", "",
+              f"- Claims: {len(s['claims_passed'])} passed, {len(s['claims_failed'])} failed"
+              + (f" ({', '.join(s['claims_failed'])})" if s["claims_failed"] else ""),
+              f"- Records: {s['records'] - s['records_failed']}/{s['records']} hold",
+              f"- Negative controls: {s['controls_confirmed']} confirmed, {len(s['controls_broken'])} broken"]
+    lines += [f"  - broken: {_cell(b)}" for b in s["controls_broken"]]
+    lines += ["", *_table(["claim", "verdict", "seconds"],
+                          [[r.claim.id, "PASS" if claim_ok(r, errors.get(r.claim.id)) else "FAIL", _fmt(r.seconds)]
+                           for r in results] + [["total", s["verdict"], _fmt(s["seconds"])]]), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+
+
+def _render(results, errors, tmp: Path, meta: dict) -> list[str]:
+    """Write every file into ``tmp``; returns the relative paths written, ``report.md`` last."""
+    env = _environment()
+    (tmp / PLOTS).mkdir()
+    plots, plot_errors, curves_out, used = [], [], [], set()
+    claims_json = []
+    for r in results:
+        records = []
+        for i, e in enumerate(r.evidence):
+            d = e.to_dict()
+            details = dict(d.get("details") or {})
+            curves = details.pop("curves", None) or {}
+            entry = {}
+            if curves:
+                if not isinstance(curves, Mapping):
+                    curves = {"curve": curves}
+                for name, curve in curves.items():
+                    stem = _safe_name(f"{r.claim.id}_{name}")
+                    k, base = 2, stem
+                    while stem in used:
+                        stem, k = f"{base}_{k}", k + 1
+                    used.add(stem)
+                    rel = f"{PLOTS}/{stem}.png"
+                    try:
+                        if not isinstance(curve, Mapping):
+                            raise ValueError("a curve must be a dict with 'x' and 'y'")
+                        _plot(curve, tmp / rel, f"{r.claim.id}: {name}")
+                        plots.append({"claim": r.claim.id, "name": str(name), "file": rel, "setting": e.setting})
+                        entry[str(name)] = rel
+                    except Exception as exc:  # a bad curve must not lose the report
+                        plot_errors.append({"claim": r.claim.id, "name": str(name),
+                                            "error": f"{type(exc).__name__}: {exc}"})
+                        entry[str(name)] = None
+                curves_out.append({"claim": r.claim.id, "record": i, "setting": e.setting,
+                                   "curves": {str(n): dict(c, plot=entry.get(str(n))) if isinstance(c, Mapping) else c
+                                              for n, c in curves.items()}})
+                details["curves"] = entry  # name -> plot file (data in curves.json)
+            d["details"] = details
+            d["ok"] = record_ok(e)
+            records.append(d)
+        claims_json.append({
+            "id": r.claim.id, "paper_ref": r.claim.paper_ref, "statement": r.claim.statement,
+            "hypotheses": r.claim.hypotheses, "negative_controls": list(r.claim.negative_controls),
+            "settings": r.claim.quick if meta["mode"] == "quick" else r.claim.full,
+            "seconds": r.seconds, "ok": claim_ok(r, errors.get(r.claim.id)), "error": errors.get(r.claim.id),
+            "records": records,
+        })
+    head = {"schema": SCHEMA_VERSION, "generated_utc": meta["generated_utc"], "mode": meta["mode"],
+            "command": meta.get("command"), "environment": env}
+    _write_json(tmp / EVIDENCE, {**head, "summary": summary(results, errors), "claims": claims_json})
+    _write_json(tmp / CURVES, {**head, "curves": curves_out})
+    _write_text(tmp / REPORT, _markdown(results, errors, plots, plot_errors, env, meta))
+    return [EVIDENCE, CURVES] + [p["file"] for p in plots] + [REPORT]
+
+
+def write_report(results: Sequence[ClaimResult], out_dir: str | os.PathLike, *, quick: bool = True,
+                 errors: Mapping[str, str] | None = None, command: str | None = None,
+                 wall_seconds: float | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``evidence.json``, ``curves.json`` and ``plots/`` into ``out_dir``, atomically.
+
+    Args:
+      results: the claims' results, in report order.
+      out_dir: the report directory (created; files of an earlier report are replaced, stale plots removed).
+      quick: whether the quick settings were used (recorded with each claim's settings).
+      errors: ``{claim id: traceback}`` for claims whose check raised.
+      command: the command line, for the header.
+      wall_seconds: total wall time of the run, for the header.
+
+    Returns:
+      ``{'report': ..., 'evidence': ..., 'curves': ..., 'plots': ...}`` paths.
+
+    Example::
+
+        results = [claims.run(c) for c in claims.load_all().values()]
+        write_report(results, "report")
+    """
+    errors = dict(errors or {})
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"generated_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "mode": "quick" if quick else "full", "command": command, "wall_seconds": wall_seconds}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the report directory's mode
+        files = _render(results, errors, tmp, meta)
+        if not out.exists():
+            os.rename(tmp, out)
+        else:
+            (out / PLOTS).mkdir(exist_ok=True)
+            for rel in files:
+                os.replace(tmp / rel, out / rel)
+            keep = {Path(rel).name for rel in files if rel.startswith(PLOTS + "/")}
+            for stale in (out / PLOTS).glob("*.png"):
+                if stale.name not in keep:
+                    stale.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"report": out / REPORT, "evidence": out / EVIDENCE, "curves": out / CURVES, "plots": out / PLOTS}
