@@ -134,6 +134,9 @@ def _jsonable(x):
 
 
 def _float(v) -> float:
+    """A number of the JSON files (``None``, a missing point, reads as NaN)."""
+    if v is None:
+        return math.nan
     return _NONFINITE[v] if isinstance(v, str) and v in _NONFINITE else float(v)
 
 

@@ -1,6 +1,7 @@
 """The checks of the paper's claims, one module per family; importing this package registers them all.
 
 * :mod:`proofs_check.checks.identities`: exact identities of scale invariance (C1, C2, C3, C19, C20, C21);
-* :mod:`proofs_check.checks.dynamics`: Lemma 2.4 along trajectories and its consequences (C4-C8, C13, I3).
+* :mod:`proofs_check.checks.dynamics`: Lemma 2.4 along trajectories and its consequences (C4-C8, C13, I3);
+* :mod:`proofs_check.checks.gd`: the GD theorem with explicit constants (C9-C12, C14, C15).
 """
-from proofs_check.checks import dynamics, identities  # noqa: F401  (registration side effect)
+from proofs_check.checks import dynamics, gd, identities  # noqa: F401  (registration side effect)
