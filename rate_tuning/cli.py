@@ -5,12 +5,21 @@ Usage::
     rate-tuning train --config digits                      # runs/digits-<timestamp>/
     rate-tuning train --config digits lr_w=100 --workdir runs/big-lr
     rate-tuning train --config fashion_mnist data_kwargs.path=/data/fmnist arch_kwargs.widths=128,128
+    rate-tuning train --config digits lr_w=100 --workdir runs/big-lr --resume   # continue a killed run
     rate-tuning configs                                    # the configs, one line each
 
-Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Bad input (an unknown config or key,
-an unparsable or invalid value, a missing or corrupt dataset file, labels that do not fit the model)
-prints one line ``rate-tuning: error: <message>`` on stderr and exits with status 2, before anything is
-written.
+Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one line
+``rate-tuning: error: <message>`` on stderr, never a traceback. Exit status:
+
+* 0: done.
+* 1: an operating-system error while running (disk full, permission denied...).
+* 2: bad input, found before anything is written: an unknown config or key, an unparsable or invalid
+  value, a missing or corrupt dataset file, labels that do not fit the model, a workdir that already holds
+  a run (without ``--resume``), and for ``--resume`` a missing, corrupt or mismatched checkpoint or a
+  corrupt ``metrics.jsonl``. Nothing already saved is changed.
+* 3: the run diverged (a non-finite loss, gradient or parameter): the message names the step and the
+  parameter groups; the metrics up to that step and the checkpoints before it are kept.
+* 130: interrupted (Ctrl-C); resume it with ``--resume``.
 """
 from __future__ import annotations
 
@@ -20,7 +29,10 @@ import sys
 import time
 
 PROG = "rate-tuning"
+EXIT_OS_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,9 +43,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "Li & Lyu (ICLR 2019) and record the auto-tuned effective rates.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train one config",
-                           description="Train a config; writes WORKDIR/metrics.jsonl and WORKDIR/summary.json.")
+                           description="Train a config; writes WORKDIR/metrics.jsonl, WORKDIR/checkpoints/ and "
+                                       "WORKDIR/summary.json. Exit status: 0 done, 1 OS error, 2 bad input, "
+                                       "3 diverged, 130 interrupted.")
     train.add_argument("--config", required=True, help="config name (see `rate-tuning configs`)")
     train.add_argument("--workdir", default=None, help="output directory (default: runs/<config>-<timestamp>)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --workdir from its newest valid checkpoint (give the same "
+                            "config and overrides; checkpoint_every and keep_checkpoints may change)")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. lr_w=100 steps=2000 arch_kwargs.widths=64,64")
@@ -52,11 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``rate-tuning``; returns the exit status (0, or 2 for bad input)."""
+    """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3 or 130)."""
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (already printed)
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    if extra:  # argparse takes one run of positionals: `x=1 --workdir d y=2` leaves y=2 over
+        options = [a for a in extra if a.startswith("-")]
+        if options or args.command != "train":
+            return _fail(f"unrecognized arguments: {' '.join(options or extra)} (see {PROG} --help)")
+        args.overrides = [*args.overrides, *extra]
 
     from rate_tuning import configs
 
@@ -67,15 +89,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from rate_tuning import train
 
+    if args.resume and not args.workdir:
+        return _fail("--resume needs --workdir, the directory of the run to continue")
     try:
         config = configs.override(configs.get(args.config), args.overrides)
         workdir = args.workdir or os.path.join("runs", f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
-        train.train_and_evaluate(config, workdir, verbose=not args.quiet)
-    except ValueError as e:  # ConfigError, DataError, LabelError and the library's ValueErrors
+        train.train_and_evaluate(config, workdir, verbose=not args.quiet, resume=args.resume)
+    except ValueError as e:  # ConfigError, DataError, LabelError, CheckpointError and the library's ValueErrors
         return _fail(str(e) or type(e).__name__)
+    except train.DivergenceError as e:
+        return _fail(str(e), EXIT_DIVERGED)
+    except OSError as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return _fail(f"{e.strerror or e}{where}", EXIT_OS_ERROR)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted (continue with --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -11,7 +11,13 @@ The pieces, flax-examples style (each small and testable on its own):
 * :func:`make_eval_step`: eval-mode (running statistics) loss and accuracy.
 * :func:`train_and_evaluate`: full-batch GD when ``config.batch_size == 0``, otherwise mini-batch SGD
   where the batch of global step ``t`` is ``data.batch_at(x, y, batch_size, seed, t)`` (a pure function
-  of the step, so a run can be resumed exactly). Writes ``metrics.jsonl`` and ``summary.json``.
+  of the step, so a run can be resumed exactly). Writes ``metrics.jsonl``, ``checkpoints/`` and
+  ``summary.json``; ``resume=True`` continues a killed run from its newest valid checkpoint.
+
+Reliability (docs/reliability.md): checkpoints (:mod:`rate_tuning.checkpoint`) at step 0, every
+``config.checkpoint_every`` steps and at the end; a resumed run ends with the same bits as an
+uninterrupted one at a fixed thread count, and writes the same ``metrics.jsonl``; a non-finite loss,
+gradient or parameter stops the run with :class:`DivergenceError` naming the step and the groups.
 
 Step numbering: a train record with ``step = t`` describes the update ``theta_t -> theta_{t+1}`` (the
 norm *before* the step, ``lr_w(t)``, the gradient at ``theta_t``); an eval record with ``step = t`` is
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from typing import Any, Callable, NamedTuple
@@ -38,6 +45,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from rate_tuning import checkpoint as ckpt
 from rate_tuning import data
 from rate_tuning import groups as G
 from rate_tuning import layers
@@ -59,6 +67,33 @@ TQDM_MIN_STEPS = 500
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+MAX_UNCHECKED_STEPS = 100
+"""The finiteness flags of the steps are fetched at every logged, evaluated or checkpointed step, and at
+least every this many steps (fetching them every step would stall the device pipeline)."""
+
+KILL_ENV = "RATE_TUNING_KILL_AT"
+"""Crash-test hook: ``'<phase>:<step>'`` makes the process SIGKILL itself at that point (phases ``step``:
+after the update of step ``t``; ``metrics``: half-way through writing the train record of step ``t``;
+``checkpoint``: a fully written checkpoint of step ``t`` not yet renamed into place; ``prune``: after that
+rename, before older checkpoints are deleted). Used by tests/test_resume.py; never set it otherwise."""
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss, gradient or parameter; the message names the step and the parameter groups.
+
+    Attributes: ``step`` (the step whose update went bad) and ``groups`` (the names in the message).
+    """
+
+    def __init__(self, message: str, step: int, groups: list[str]):
+        super().__init__(message)
+        self.step = step
+        self.groups = groups
+
+
+class MetricsError(ValueError):
+    """A ``metrics.jsonl`` that is corrupt other than by a truncated last line (one line)."""
 
 
 class TrainState(train_state.TrainState):
@@ -102,7 +137,7 @@ def validate_config(config: Config) -> None:
     Checks: known dataset, arch, preset, bn variant (and that the preset has a BN to replace), grouping,
     schedule and dtype; ``lr_w``, ``lr_g`` finite and > 0 (:func:`rate_tuning.optim.check_learning_rate`);
     ``steps >= 1``, ``batch_size >= 0`` (0: full batch), ``eval_every >= 0``, ``log_every >= 1``,
-    ``seed >= 0``. What needs the data (batch size vs. dataset size), the model (arch_kwargs, labels) or
+    ``seed >= 0``, ``checkpoint_every >= 0``, ``keep_checkpoints >= 1``. What needs the data (batch size vs. dataset size), the model (arch_kwargs, labels) or
     the optimizer (``weight_decay >= 0``, ``momentum`` None or in ``[0, 1)``, checked by
     :func:`rate_tuning.optim.two_rate_sgd`) is checked by :func:`load_dataset` and
     :func:`create_train_state`.
@@ -124,7 +159,8 @@ def validate_config(config: Config) -> None:
             optim.check_learning_rate(name, getattr(config, name))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    for name, minimum in (("steps", 1), ("batch_size", 0), ("eval_every", 0), ("log_every", 1), ("seed", 0)):
+    for name, minimum in (("steps", 1), ("batch_size", 0), ("eval_every", 0), ("log_every", 1), ("seed", 0),
+                          ("checkpoint_every", 0), ("keep_checkpoints", 1)):
         _integer(name, getattr(config, name), minimum)
     for name in ("project", "verify_labels"):
         if not isinstance(getattr(config, name), bool):
@@ -181,8 +217,9 @@ def create_train_state(config: Config, dataset: data.Dataset, key) -> TrainSetup
       A :class:`TrainSetup`: the state, the model, the labels and the two learning-rate schedules.
 
     Raises:
-      ConfigError: ``arch_kwargs`` the architecture does not take, vector inputs for a convolutional one,
-        or a ``weight_decay``/``momentum`` the optimizer rejects.
+      ConfigError: ``arch_kwargs`` the architecture does not take or cannot be initialised with (e.g.
+        ``widths=(0,)``), vector inputs for a convolutional one, or a ``weight_decay``/``momentum`` the
+        optimizer rejects.
       LabelError: labels that do not match the params, or (``verify_labels``) a group that is not
         scale-invariant; the message names the parameter.
     """
@@ -197,7 +234,12 @@ def create_train_state(config: Config, dataset: data.Dataset, key) -> TrainSetup
         raise ConfigError(f"arch_kwargs {config.arch_kwargs!r} rejected by arch {config.arch!r}: {e}") from None
     x, y = batch_fn(config, dataset)(0)
     # jitted: one compilation instead of one per primitive in eager mode (4 s -> 1.5 s on a small MLP)
-    variables = jax.jit(model.init, static_argnames="train")(key, jnp.asarray(x), train=True)
+    try:
+        variables = jax.jit(model.init, static_argnames="train")(key, jnp.asarray(x), train=True)
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # e.g. widths=('a',) or (0,): not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"arch {config.arch!r} with arch_kwargs {config.arch_kwargs!r} cannot be initialised: "
+                          f"{type(e).__name__}: {first}") from None
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     labels = model.labels(config.grouping)
     G.si_groups(params, labels)  # LabelError naming the parameter if the tree does not match
@@ -255,12 +297,40 @@ def step_metrics(params, new_params, grads, labels, lr_w) -> dict[str, jax.Array
     return out
 
 
-def make_train_step(model: nn.Module, labels, lr_w: optax.Schedule, *, max_traces: int | None = None):
+def finite_groups(params, labels) -> list[tuple[str, str]]:
+    """``[(name, kind), ...]``: the groups the divergence check reports, in tree order. A scale-invariant
+    group is named by its group name (e.g. ``'layer0:kernel'``), every other leaf by its path (e.g.
+    ``'bn_out/scale'``); ``kind`` is ``'si'``, ``'variant'`` or ``'frozen'``."""
+    seen: dict[str, str] = {}
+    for path, _, label in G.flatten_labelled(params, labels):
+        seen.setdefault(label.group if label.kind == G.SI else path, label.kind)
+    return list(seen.items())
+
+
+def finite_flags(loss, grads, new_params, labels) -> jax.Array:
+    """Booleans ``[loss finite, gradient of each group finite..., parameter of each group finite...]``, the
+    groups in the order of :func:`finite_groups`; a few cheap reductions, pure and jit-safe."""
+    def by_group(tree):
+        flags: dict[str, jax.Array] = {}
+        for path, leaf, label in G.flatten_labelled(tree, labels):
+            name = label.group if label.kind == G.SI else path
+            ok = jnp.all(jnp.isfinite(leaf))
+            flags[name] = flags[name] & ok if name in flags else ok
+        return list(flags.values())
+
+    return jnp.stack([jnp.isfinite(loss), *by_group(grads), *by_group(new_params)])
+
+
+def make_train_step(model: nn.Module, labels, lr_w: optax.Schedule, *, max_traces: int | None = None,
+                    check_finite: bool = False):
     """A jitted ``train_step(state, x, y) -> (state, metrics)`` of the two-rate (S)GD in ``state.tx``.
 
     Train-mode BN (batch statistics): the loss, its gradient, the optimizer update and the new running
     statistics, plus ``loss``, ``accuracy`` and :func:`step_metrics` of the step, computed inside the
-    jitted function from the gradient that is applied.
+    jitted function from the gradient that is applied; with ``check_finite``, also ``metrics['finite']``
+    (:func:`finite_flags`: is the loss, each group's gradient and each group's new value finite, a bool
+    vector), which :func:`train_and_evaluate` turns on to stop a diverging run and does not write to the
+    metrics stream.
 
     Args:
       model: the linen model.
@@ -268,6 +338,7 @@ def make_train_step(model: nn.Module, labels, lr_w: optax.Schedule, *, max_trace
       lr_w: the schedule of the scale-invariant groups (the one in ``state.tx``), evaluated at ``state.step``.
       max_traces: if set, wrap the step in ``chex.assert_max_traces(n=max_traces)`` before ``jax.jit``,
         so a retrace raises (chex counts per definition site: call ``chex.clear_trace_counter()`` first).
+      check_finite: add the ``finite`` flags (off by default: the metrics stay all floats).
     """
     def train_step(state: TrainState, x, y):
         def loss_fn(params):
@@ -277,6 +348,8 @@ def make_train_step(model: nn.Module, labels, lr_w: optax.Schedule, *, max_trace
         new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         out = {"loss": loss, "accuracy": accuracy(logits, y)}
         out.update(step_metrics(state.params, new_state.params, grads, labels, lr_w(state.step)))
+        if check_finite:
+            out["finite"] = finite_flags(loss, grads, new_state.params, labels)
         return new_state, out
 
     if max_traces is not None:
@@ -324,17 +397,104 @@ def to_json_value(v):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path``, flushed line by line."""
+    """Writes one JSON object per line to ``path`` (a new file, or ``append=True``), flushed line by line.
 
-    def __init__(self, path: str):
-        self._f = open(path, "w", encoding="utf-8")
+    A process killed while writing can leave a truncated last line, never a damaged earlier one:
+    :func:`read_metrics` skips it (and says so), and a resumed run removes it.
+    """
 
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(to_json_value(record)) + "\n")
+    def __init__(self, path: str, append: bool = False):
+        self._f = open(path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, record: dict, *, _kill_midway: bool = False) -> None:
+        line = json.dumps(to_json_value(record)) + "\n"
+        if _kill_midway:  # crash-test hook (KILL_ENV): half a line reaches the file, then SIGKILL
+            self._f.write(line[:len(line) // 2])
+            self._f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._f.write(line)
         self._f.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: everything written so far is on disk (called before each checkpoint)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, ``rate-tuning: warning: <message>`` (shown even with ``verbose=False``)."""
+    print(f"rate-tuning: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def _scan_metrics(path: str) -> tuple[list[tuple[bytes, dict]], str | None]:
+    """``([(raw line, record), ...], problem)`` of a metrics file; ``problem`` describes a truncated last
+    line that was left out (``None`` if there was none). :class:`MetricsError` for a bad earlier line."""
+    with open(path, "rb") as f:
+        text = f.read()
+    lines = text.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    out, problem = [], None
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise MetricsError(f"{path}: line {i} is not a metrics record (corrupt file); it was not written "
+                               f"by an interrupted run, so nothing was repaired")
+        out.append((raw + b"\n", record))
+    if tail.strip():
+        try:
+            record = json.loads(tail)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):  # complete but for the newline
+            out.append((tail + b"\n", record))
+        else:
+            problem = (f"{path}: skipped a truncated last line ({len(tail)} bytes, line {len(lines) + 1}; "
+                       f"the run was killed while writing it)")
+    return out, problem
+
+
+def read_metrics(path: str, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in order. A truncated last line (a run killed mid-write) is
+    skipped and reported through ``warn`` (default: one line on stderr); any other bad line raises
+    :class:`MetricsError`."""
+    records, problem = _scan_metrics(path)
+    if problem:
+        (warn or _warn)(problem)
+    return [r for _, r in records]
+
+
+def _rewind_metrics(path: str, step: int, warn: Callable[[str], None]) -> list[dict]:
+    """Keep the records of ``path`` with ``step < step`` (what a run resumed at ``step`` wrote before
+    it), drop the rest and a truncated last line, rewrite atomically if anything changed; the kept records.
+
+    The resumed run writes everything from ``step`` on again (with the same numbers), so the file ends
+    up identical to an uninterrupted run's: no duplicates, no gaps.
+    """
+    if not os.path.exists(path):
+        return []
+    records, problem = _scan_metrics(path)
+    if problem:
+        warn(problem.replace("skipped", "removed"))
+    kept = [(raw, r) for raw, r in records if r["step"] < step]
+    with open(path, "rb") as f:
+        old = f.read()
+    new = b"".join(raw for raw, _ in kept)
+    if new != old:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return [r for _, r in kept]
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -362,12 +522,12 @@ class Progress:
     """Progress on stdout: a tqdm bar on long runs when stdout is a terminal, else one plain line per
     logged step (``step 200  loss 0.123  acc 0.97  eff_lr 1.2e-03``; ``eff_lr`` is the mean over groups)."""
 
-    def __init__(self, steps: int, enabled: bool = True):
+    def __init__(self, steps: int, enabled: bool = True, initial: int = 0):
         self.enabled = enabled
         self.bar = None
         if enabled and steps >= TQDM_MIN_STEPS and sys.stdout.isatty():
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=initial, unit="step", dynamic_ncols=True)
 
     def message(self, line: str) -> None:
         if not self.enabled:
@@ -417,82 +577,288 @@ def summarize_groups(values: dict[str, Any]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # The run.
 
+_RESUMABLE_CONFIG_KEYS = ("checkpoint_every", "keep_checkpoints")
+"""Config fields that do not change the results and may differ between a checkpoint and its resumption."""
+
 
 def _check_workdir(workdir: str) -> None:
-    for name in (METRICS_FILE, SUMMARY_FILE):
-        if os.path.exists(os.path.join(workdir, name)):
-            raise ConfigError(f"workdir {workdir} already holds a run ({name}); choose another workdir")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"workdir {workdir} exists and is not a directory")
+    ancestor = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"workdir {workdir} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir} cannot be created: no permission to write in {ancestor}")
+    for name in (METRICS_FILE, SUMMARY_FILE):
+        if os.path.exists(os.path.join(workdir, name)):
+            raise ConfigError(f"workdir {workdir} already holds a run ({name}); choose another workdir, or "
+                              f"continue it with --resume (resume=True)")
+    if ckpt.list_steps(os.path.join(workdir, CHECKPOINTS_DIR)):
+        raise ConfigError(f"workdir {workdir} already holds a run ({CHECKPOINTS_DIR}/); choose another workdir, "
+                          f"or continue it with --resume (resume=True)")
 
 
-def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True) -> dict[str, Any]:
+def _check_resumable(workdir: str) -> None:
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"cannot resume: workdir {workdir} does not exist" if not os.path.exists(workdir)
+                          else f"cannot resume: workdir {workdir} is not a directory")
+    if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        raise ConfigError(f"cannot resume: the run in {workdir} is complete ({SUMMARY_FILE} exists); "
+                          f"nothing to do")
+    directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    if not ckpt.list_steps(directory):
+        extra = ckpt.leftovers(directory)
+        hint = f" (only the incomplete save {CHECKPOINTS_DIR}/{extra[0]}, ignored)" if extra else ""
+        raise ConfigError(f"cannot resume: workdir {workdir} holds no checkpoint{hint}")
+
+
+def config_record(config: Config) -> dict:
+    """``config`` as plain JSON data (tuples become lists), as stored in checkpoints and summaries."""
+    return json.loads(json.dumps(to_json_value(dataclasses.asdict(config))))
+
+
+def config_differences(saved: dict, config: Config) -> list[str]:
+    """``['lr_w (checkpoint 0.1, given 0.2)', ...]``: the fields where ``config`` differs from the record
+    ``saved`` (:func:`config_record`), except those that may change on resume (checkpoint cadence)."""
+    given = config_record(config)
+    out = []
+    for key in sorted(set(saved) | set(given)):
+        if key in _RESUMABLE_CONFIG_KEYS or saved.get(key, "<absent>") == given.get(key, "<absent>"):
+            continue
+        out.append(f"{key} (checkpoint {saved.get(key, '<absent>')!r}, given {given.get(key, '<absent>')!r})")
+    return out
+
+
+def checkpoint_tree(state: TrainState, key) -> dict[str, Any]:
+    """What a checkpoint stores as arrays: ``params``, ``batch_stats``, ``opt_state``, ``step`` (int64) and
+    ``rng`` (the key data of the run's PRNG key). The data position is the step (batches are
+    ``batch_at(..., step)``)."""
+    return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
+            "step": np.asarray(int(state.step), np.int64), "rng": np.asarray(jax.random.key_data(key))}
+
+
+def _checkpoint_meta(config: Config, step: int, seed: int) -> dict[str, Any]:
+    batches = ("the whole training split (full-batch GD)" if config.batch_size == 0 else
+               f"data.batch_at(x_train, y_train, {config.batch_size}, {config.seed}, step)")
+    return {
+        "step": step,
+        "config": config_record(config),
+        "data_position": {"next_step": step, "batch_of_step": batches},
+        "rng": {"seed": seed, "use": "parameter initialisation only (jax.random.key(seed), stored as 'rng'); "
+                                     "the train step draws no random numbers"},
+        "created_unix": time.time(),
+        "versions": {k: environment()[k] for k in ("jax", "jaxlib", "flax", "optax")},
+    }
+
+
+def _kill_point(phase: str, step: int) -> bool:
+    return os.environ.get(KILL_ENV) == f"{phase}:{step}"
+
+
+def _maybe_kill(phase: str, step: int) -> None:
+    if _kill_point(phase, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _describe_group(name: str, kind: str, lr_w: float, lr_g: float) -> str:
+    what = {G.SI: f"scale-invariant, lr_w={lr_w:g}", G.VARIANT: f"scale-variant, lr_g={lr_g:g}",
+            G.FROZEN: "frozen"}[kind]
+    return f"'{name}' ({what})"
+
+
+def divergence_message(step: int, flags, groups: list[tuple[str, str]], lr_w: float, lr_g: float,
+                       last_checkpoint: str | None, max_named: int = 3) -> tuple[str, list[str]]:
+    """The one-line message of a step whose :func:`finite_flags` are ``flags``, and the groups it names.
+
+    The first cause is named: the gradient's groups (with the loss, if it is non-finite too), else the
+    loss, else the groups of the parameters after the update. Scale-variant groups are listed first,
+    then scale-invariant, then frozen; at most ``max_named`` in the message (all in the returned list).
+    Example: ``diverged at step 2: non-finite loss and gradient in 7 groups: 'bn_out/bias' (scale-variant,
+    lr_g=1e+100), ... and 4 more; the last good checkpoint checkpoints/step_00000002 is kept``.
+    """
+    flags = np.asarray(flags, dtype=bool)
+    n = len(groups)
+    order = {G.VARIANT: 0, G.SI: 1, G.FROZEN: 2}
+
+    def bad(offset):
+        return sorted((i for i in range(n) if not flags[offset + i]), key=lambda i: order[groups[i][1]])
+
+    def listing(idx):
+        shown = ", ".join(_describe_group(*groups[i], lr_w, lr_g) for i in idx[:max_named])
+        more = f" and {len(idx) - max_named} more" if len(idx) > max_named else ""
+        return f"group {shown}" if len(idx) == 1 else f"{len(idx)} groups: {shown}{more}"
+
+    loss_bad, grad_bad, param_bad = not flags[0], bad(1), bad(1 + n)
+    if grad_bad:
+        what, idx = f"non-finite {'loss and ' if loss_bad else ''}gradient in {listing(grad_bad)}", grad_bad
+    elif loss_bad:
+        what, idx = "non-finite loss", []
+    else:
+        what, idx = f"non-finite parameter after the update in {listing(param_bad)}", param_bad
+    kept = (f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint
+            else "no checkpoint was written")
+    return f"diverged at step {step}: {what}; {kept}", [groups[i][0] for i in idx]
+
+
+def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train ``config.steps`` steps, evaluating on the test split every ``config.eval_every`` steps and
-    at the end; write ``workdir/metrics.jsonl`` and ``workdir/summary.json``; return the summary.
+    at the end; write ``workdir/metrics.jsonl``, ``workdir/checkpoints/`` and ``workdir/summary.json``;
+    return the summary.
 
     ``metrics.jsonl``: one JSON object per line, ``{"step", "split": "train", loss, accuracy, lr_w,
     grad_sq_intrinsic, lemma24_residual, norm/<g>, eff_lr/<g>, angle/<g>}`` every ``config.log_every``
     steps and at the last step (see :func:`step_metrics`), and ``{"step", "split": "test", loss,
     accuracy}`` at each evaluation. Non-finite numbers are written as ``null``.
 
+    ``checkpoints/step_<8 digits>/`` (:mod:`rate_tuning.checkpoint`): params, batch_stats, opt_state,
+    step, the PRNG key data and the config, at step 0, every ``config.checkpoint_every`` steps and after
+    the last step; the newest ``config.keep_checkpoints`` are kept. Each is complete before it appears.
+
     ``summary.json``: ``final_train_loss`` (train-mode loss of the last step), ``train_eval_loss`` and
     ``train_eval_accuracy`` (eval mode, whole training split, at the end), ``test_loss``,
     ``test_accuracy``, ``effective_lr`` (``lr_w(T) / ||w_T||^2`` per group, mean over channels for
     per-channel groups) and ``effective_lr_min``/``_max``, ``norms``, ``bn`` (the BN variant used),
-    ``wall_time_s``, ``train_time_s`` (the step loop, compilation included), ``config`` and the
-    environment (versions, backend, device). Written atomically.
+    ``wall_time_s``, ``train_time_s`` (the step loop, compilation included), ``resumed_from_step``,
+    ``checkpoint`` (the final one), ``config`` and the environment (versions, backend, device). Written
+    atomically, last: its presence means the run is complete.
+
+    With ``resume=True`` the run in ``workdir`` continues from its newest valid checkpoint (a corrupt
+    newer one is reported on stderr and skipped); the config must be the one it was started with (except
+    ``checkpoint_every``/``keep_checkpoints``). The records of ``metrics.jsonl`` from the checkpoint's step
+    on (and a truncated last line) are removed and written again, so the file and the final parameters are
+    those of an uninterrupted run (bitwise at a fixed thread count).
 
     Everything that can be wrong with the inputs (the config, the dataset files, the labels, an existing
-    run in ``workdir``) is checked before anything is written, so such a failure leaves no output.
+    run in ``workdir``, or for ``resume`` a missing, corrupt or mismatched checkpoint) is checked before
+    anything is written, so such a failure leaves no output and changes nothing.
 
     Raises:
-      ConfigError, DataError, LabelError (all ``ValueError``): bad inputs, one-line messages.
+      ConfigError, DataError, LabelError, CheckpointError, MetricsError (all ``ValueError``): bad inputs,
+        one-line messages.
+      DivergenceError: a non-finite loss, gradient or parameter at some step; the metrics up to that step
+        and the checkpoints before it are kept, no summary is written.
     """
     start = time.perf_counter()
     validate_config(config)
-    _check_workdir(workdir)
+    ckdir = os.path.join(workdir, CHECKPOINTS_DIR)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    notices: list[str] = []
+    found = None
+    if resume:
+        _check_resumable(workdir)
+        found = ckpt.latest_valid(ckdir, warn=notices.append)
+        diff = config_differences(found.meta.get("config", {}), config)
+        if diff:
+            raise ConfigError(f"cannot resume {workdir}: the config differs from the one in checkpoint "
+                              f"{ckpt.step_name(found.step)} in {'; '.join(diff)}")
+    else:
+        _check_workdir(workdir)
     with precision(config.dtype):
         dataset = load_dataset(config)
-        setup = create_train_state(config, dataset, jax.random.key(config.seed))
-        state, model, labels, lr_w, _ = setup
+        key = jax.random.key(config.seed)
+        setup = create_train_state(config, dataset, key)
+        state, model, labels, lr_w, lr_g = setup
+        # one step type for fresh and resumed runs (a Python 0 would compile a second, weakly typed variant)
+        state = state.replace(step=jnp.asarray(0, jnp.int32))
+        if found is not None:
+            tree = ckpt.restore(found.path, checkpoint_tree(state, key))
+            if not np.array_equal(np.asarray(tree["rng"]), np.asarray(jax.random.key_data(key))):
+                raise ckpt.CheckpointError(f"checkpoint {ckpt.step_name(found.step)} holds another PRNG key "
+                                           f"than seed {config.seed} gives")
+            state = state.replace(step=jnp.asarray(int(tree["step"]), jnp.int32), params=tree["params"],
+                                  batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
         batch = batch_fn(config, dataset)
-        train_step = make_train_step(model, labels, lr_w)
+        train_step = make_train_step(model, labels, lr_w, check_finite=True)
         eval_step = make_eval_step(model)
         bn = config.bn or models.PRESETS[config.preset].bn
+        groups = finite_groups(state.params, labels)
+        progress = Progress(config.steps, verbose, initial=found.step if found is not None else 0)
 
-        os.makedirs(workdir, exist_ok=True)
-        writer = MetricsWriter(os.path.join(workdir, METRICS_FILE))
-        progress = Progress(config.steps, verbose)
+        def save(step: int) -> str:
+            return ckpt.save(ckdir, step, checkpoint_tree(state, key), _checkpoint_meta(config, step, config.seed),
+                             keep=config.keep_checkpoints,
+                             before_finalize=lambda: _maybe_kill("checkpoint", step))
+
+        # ---- inputs are good: from here on, files are written
+        first = found.step if found is not None else 0
+        kept: list[dict] = []
+        last_checkpoint = None
+        if found is not None:
+            for notice in notices:
+                _warn(notice)
+            kept = _rewind_metrics(metrics_path, first, _warn)
+            last_checkpoint = ckpt.step_name(first)
+            progress.message(f"resuming {workdir} from step {first} ({CHECKPOINTS_DIR}/{last_checkpoint})")
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            save(0)
+            last_checkpoint = ckpt.step_name(0)
+        writer = MetricsWriter(metrics_path, append=found is not None)
         mode = "full-batch GD" if config.batch_size == 0 else f"SGD, batch {config.batch_size}"
         progress.message(f"training {config.arch}/{config.preset} (bn {bn}) on {dataset.name}: "
                         f"{len(dataset.x_train)} train / {len(dataset.x_test)} test, {mode}, {config.steps} steps, "
                         f"lr_w {config.lr_w:g}, lr_g {config.lr_g:g} ({config.schedule}), {config.dtype}, "
                         f"{jax.default_backend()}")
-        last: dict[str, Any] = {}
+        last: dict[str, Any] = next((r for r in reversed(kept) if r.get("split") == "train"), {})
+        pending: list[tuple[int, dict]] = []
+
+        def settle() -> None:
+            """Fetch the finiteness flags of the steps not checked yet; stop at the first bad one."""
+            flags = jax.device_get([out["finite"] for _, out in pending])
+            for (t, out), f in zip(pending, flags):
+                if not np.all(f):
+                    record = {k: v for k, v in out.items() if k != "finite"}
+                    writer.write({"step": t, "split": "train", **to_json_value(jax.device_get(record))})
+                    message, named = divergence_message(t, f, groups, float(lr_w(t)), float(lr_g(t)),
+                                                        last_checkpoint and f"{CHECKPOINTS_DIR}/{last_checkpoint}")
+                    raise DivergenceError(message, t, named)
+            pending.clear()
+
+        def evaluate_test(step: int) -> dict:
+            record = {"step": step, "split": "test", **evaluate(eval_step, state, dataset.x_test, dataset.y_test)}
+            writer.write(record)
+            progress.eval(record)
+            return record
+
         loop_start = time.perf_counter()
         try:
-            for t in range(config.steps):
+            if 0 < first < config.steps and config.eval_every and first % config.eval_every == 0:
+                evaluate_test(first)  # removed from the stream by the rewind: written again, same numbers
+            for t in range(first, config.steps):
                 x, y = batch(t)
                 state, step_out = train_step(state, x, y)
                 progress.advance()
-                if t % config.log_every == 0 or t == config.steps - 1:
-                    last = {"step": t, "split": "train", **to_json_value(jax.device_get(step_out))}
-                    writer.write(last)
-                    progress.train(last)
+                _maybe_kill("step", t)
+                pending.append((t, step_out))
                 done = t + 1
-                if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                    record = {"step": done, "split": "test",
-                              **evaluate(eval_step, state, dataset.x_test, dataset.y_test)}
-                    writer.write(record)
-                    progress.eval(record)
-            test = {"step": config.steps, "split": "test",
-                    **evaluate(eval_step, state, dataset.x_test, dataset.y_test)}
-            writer.write(test)
-            progress.eval(test)
+                log = t % config.log_every == 0 or t == config.steps - 1
+                evaluate_now = bool(config.eval_every) and done % config.eval_every == 0 and done < config.steps
+                save_now = (bool(config.checkpoint_every) and done % config.checkpoint_every == 0
+                            and done < config.steps)
+                if log or evaluate_now or save_now or len(pending) >= MAX_UNCHECKED_STEPS:
+                    settle()
+                if log:
+                    public = {k: v for k, v in step_out.items() if k != "finite"}
+                    last = {"step": t, "split": "train", **to_json_value(jax.device_get(public))}
+                    writer.write(last, _kill_midway=_kill_point("metrics", t))
+                    progress.train(last)
+                if evaluate_now:
+                    evaluate_test(done)
+                if save_now:
+                    writer.sync()
+                    save(done)
+                    last_checkpoint = ckpt.step_name(done)
+                    _maybe_kill("prune", done)
+            test = evaluate_test(config.steps)
+            writer.sync()
             train_time = time.perf_counter() - loop_start
         finally:
             writer.close()
             progress.close()
+        # a run resumed from its final checkpoint (killed before summary.json) has it already
+        final = found.path if found is not None and found.step == config.steps else save(config.steps)
 
         train_eval = evaluate(eval_step, state, dataset.x_train, dataset.y_train)
         eff = summarize_groups(M.effective_lr(lr_w(config.steps), state.params, labels))
@@ -513,6 +879,8 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True) ->
             "dataset": {"name": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test)},
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - start,
+            "resumed_from_step": found.step if found is not None else None,
+            "checkpoint": os.path.relpath(final, workdir),
             "config": dataclasses.asdict(config),
             **environment(),
         })
@@ -523,6 +891,20 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True) ->
     return summary
 
 
-__all__ = ["ConfigError", "TrainSetup", "TrainState", "accuracy", "batch_fn", "create_train_state",
-           "evaluate", "load_dataset", "make_eval_step", "make_train_step", "precision", "step_metrics",
-           "train_and_evaluate", "validate_config"]
+def load_final_params(workdir: str, config: Config):
+    """The params of the newest valid checkpoint of the run in ``workdir`` (after a complete run: the
+    final ones), with the structure and dtype ``config`` gives; ``(step, params)``."""
+    found = ckpt.latest_valid(os.path.join(workdir, CHECKPOINTS_DIR))
+    with precision(config.dtype):
+        dataset = load_dataset(config)
+        key = jax.random.key(config.seed)
+        state = create_train_state(config, dataset, key).state.replace(step=jnp.asarray(0, jnp.int32))
+        tree = ckpt.restore(found.path, checkpoint_tree(state, key))
+        return found.step, jax.device_get(tree["params"])
+
+
+__all__ = ["ConfigError", "DivergenceError", "MetricsError", "TrainSetup", "TrainState", "accuracy", "batch_fn",
+           "checkpoint_tree", "config_differences", "config_record", "create_train_state", "divergence_message",
+           "evaluate", "finite_flags", "finite_groups", "load_dataset", "load_final_params", "make_eval_step",
+           "make_train_step", "precision", "read_metrics", "step_metrics", "train_and_evaluate",
+           "validate_config"]

@@ -192,7 +192,7 @@ def test_train_synthetic_end_to_end_into_the_default_workdir(tmp_path):
     (run,) = os.listdir(tmp_path / "runs")  # runs/<config>-<timestamp>
     assert run.startswith("synthetic-")
     workdir = tmp_path / "runs" / run
-    assert set(os.listdir(workdir)) == {"metrics.jsonl", "summary.json"}
+    assert set(os.listdir(workdir)) == {"metrics.jsonl", "summary.json", "checkpoints"}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in records] == [
         (0, "train"), (10, "train"), (20, "train"), (30, "test"), (30, "train"), (39, "train"), (40, "test")]

@@ -98,6 +98,14 @@ class Config:
     log_every: int = 100
     """Write the train metrics of every this many steps (and of the last one) and print a progress line."""
 
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps, and always at step 0 and after the last step; ``0``: only
+    those two (:mod:`rate_tuning.checkpoint`). Does not change the results, so a run may be resumed with
+    another value."""
+
+    keep_checkpoints: int = 3
+    """How many checkpoints to keep, the newest (>= 1); may differ on resume."""
+
     seed: int = 0
     """Seed of the parameter initialisation and of the batch order (>= 0)."""
 
