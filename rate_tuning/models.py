@@ -212,15 +212,23 @@ class ResNet(_BNNetBase):
         return tree
 
 
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+    """``values`` as a non-empty tuple of positive ints, or a ``ValueError`` naming ``name``."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{name} must be positive integers, got {values!r}")
+    return values
+
+
 def mlp(widths: Sequence[int] = (64, 64), **kw) -> BNNet:
     """Dense -> BN -> act for each width, then the head."""
-    return BNNet(units=tuple(Unit("dense", w) for w in widths), **kw)
+    return BNNet(units=tuple(Unit("dense", w) for w in _positive_ints("widths", widths)), **kw)
 
 
 def convnet(channels: Sequence[int] = (16, 32, 64), **kw) -> BNNet:
     """3x3 stride-2 convolutions (no max-pool: XLA's max-pool backward is slow on CPU), global average
     pool, head."""
-    units = [Unit("conv", c, stride=2) for c in channels]
+    units = [Unit("conv", c, stride=2) for c in _positive_ints("channels", channels)]
     units[-1] = dataclasses.replace(units[-1], pool="global")
     return BNNet(units=tuple(units), **kw)
 
@@ -228,6 +236,9 @@ def convnet(channels: Sequence[int] = (16, 32, 64), **kw) -> BNNet:
 def vgg(config: Sequence[int | str] = (32, "M", 64, "M", 128, 128, "M"), **kw) -> BNNet:
     """VGG-style: 3x3 stride-1 convolutions, ``'M'`` = 2x2 max-pool after the previous convolution."""
     units: list[Unit] = []
+    _positive_ints("vgg config", [c for c in config if c != "M"])
+    if not config or config[0] == "M":
+        raise ValueError(f"vgg config must start with a channel count, got {config!r}")
     for item in config:
         if item == "M":
             units[-1] = dataclasses.replace(units[-1], pool="max")
@@ -238,7 +249,9 @@ def vgg(config: Sequence[int | str] = (32, "M", 64, "M", 128, 128, "M"), **kw) -
 
 def resnet(stage_channels: Sequence[int] = (16, 32), blocks_per_stage: int = 1, **kw) -> ResNet:
     """Small ResNet: stem, ``blocks_per_stage`` basic blocks per stage (stride 2 between stages)."""
-    return ResNet(stage_channels=tuple(stage_channels), blocks_per_stage=blocks_per_stage, **kw)
+    _positive_ints("blocks_per_stage", blocks_per_stage)
+    return ResNet(stage_channels=_positive_ints("stage_channels", stage_channels),
+                  blocks_per_stage=blocks_per_stage, **kw)
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "convnet": convnet, "vgg": vgg,
