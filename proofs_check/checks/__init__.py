@@ -2,6 +2,8 @@
 
 * :mod:`proofs_check.checks.identities`: exact identities of scale invariance (C1, C2, C3, C19, C20, C21);
 * :mod:`proofs_check.checks.dynamics`: Lemma 2.4 along trajectories and its consequences (C4-C8, C13, I3);
-* :mod:`proofs_check.checks.gd`: the GD theorem with explicit constants (C9-C12, C14, C15).
+* :mod:`proofs_check.checks.gd`: the GD theorem with explicit constants (C9-C12, C14, C15);
+* :mod:`proofs_check.checks.sgd`: SGD norm growth and rate (C16-C18);
+* :mod:`proofs_check.checks.experiments`: the App. D learning-rate sweeps on real data (C22, C23).
 """
-from proofs_check.checks import dynamics, gd, identities  # noqa: F401  (registration side effect)
+from proofs_check.checks import dynamics, experiments, gd, identities, sgd  # noqa: F401  (registration)

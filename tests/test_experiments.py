@@ -1,0 +1,111 @@
+"""proofs_check.checks.experiments: C22 and C23 pass in their quick settings and their negative controls are
+reported violated. They use Fashion-MNIST when its files are installed and scikit-learn digits otherwise,
+so they always run; each record's setting names the dataset."""
+import jax
+import numpy as np
+import pytest
+
+from proofs_check import claims
+from proofs_check.checks import experiments as X  # noqa: F401  (registers C22, C23)
+from proofs_check.evidence import Evidence
+from rate_tuning import data
+
+CLAIMS = ("C22", "C23")
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    cache: dict[str, list[Evidence]] = {}
+    x64_before = jax.config.jax_enable_x64
+
+    def get(cid: str) -> list[Evidence]:
+        if cid not in cache:
+            cache[cid] = claims.run(claims.REGISTRY[cid], quick=True).evidence
+            assert jax.config.jax_enable_x64 == x64_before, f"{cid} left jax_enable_x64 changed"
+        return cache[cid]
+
+    return get
+
+
+def _fashion_available() -> bool:
+    try:
+        data.fashion_mnist(limit_train=1, limit_test=1)
+    except data.DataError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cid", CLAIMS)
+def test_claim_holds(evidence, cid):
+    records = [e for e in evidence(cid) if not e.negative_control]
+    assert records
+    for e in records:
+        assert e.passed, f"{cid} failed: {e.setting}: measured {e.measured:.4g} {e.relation} {e.bound:.4g}"
+        assert e.dtype == "float32" and e.tolerance >= 0
+
+
+def test_c22_trains_for_every_lr(evidence):
+    per_lr = [e for e in evidence("C22") if not e.negative_control and "every lr_w" not in e.setting]
+    assert len(per_lr) == len(X.LR_GRID) and max(X.LR_GRID) / min(X.LR_GRID) >= 1e6
+    assert all(e.measured <= X.FRACTION for e in per_lr)
+
+
+def test_c22_control_no_bn_is_violated(evidence):
+    (ctrl,) = [e for e in evidence("C22") if e.negative_control]
+    assert "no_bn" in ctrl.setting and not ctrl.passed and ctrl.ok and "breaks" in ctrl.details
+    assert np.isfinite(ctrl.measured) and ctrl.measured >= 1  # a count of runs that do not train
+    assert ctrl.details["lr_w_not_training"], "the no_bn MLP trained at every lr_w"
+    assert min(ctrl.details["lr_w_not_training"]) >= 1.0  # it fails at the large end of the grid
+
+
+def test_c23_control_plain_sgd_trains_at_large_lr(evidence):
+    controls = [e for e in evidence("C23") if e.negative_control]
+    assert len(controls) == len(claims.REGISTRY["C23"].quick["large"])
+    for e in controls:
+        assert "not projected" in e.setting and not e.passed and e.ok and "breaks" in e.details
+
+
+def test_c23_projected_fails_at_large_lr(evidence):
+    recs = [e for e in evidence("C23") if not e.negative_control]
+    assert recs and all("projected" in e.setting and e.measured >= X.FRACTION for e in recs)
+
+
+@pytest.mark.parametrize("cid", CLAIMS)
+def test_records_name_their_dataset(evidence, cid):
+    name = "Fashion-MNIST" if _fashion_available() else "scikit-learn digits"
+    for e in evidence(cid):
+        assert name in e.setting, e.setting
+
+
+def test_curves(evidence):
+    """The report's curve convention with several series (proofs_check.report); diverged runs are NaN."""
+    for cid in CLAIMS:
+        curves = [c for e in evidence(cid) for c in e.details.get("curves", {}).values()]
+        assert len(curves) == 2, cid
+        for c in curves:
+            assert {"x", "y", "xlabel", "ylabel", "logy"} <= set(c) <= {"x", "y", "xlabel", "ylabel", "logy", "logx"}
+            assert isinstance(c["y"], dict) and len(c["y"]) >= 2 and 0 < len(c["x"]) <= 500
+            for y in c["y"].values():
+                assert len(y) == len(c["x"]) and np.any(np.isfinite(y))
+
+
+def test_fallback_to_digits(monkeypatch, tmp_path):
+    """Without Fashion-MNIST files the experiments use scikit-learn digits and say so."""
+    monkeypatch.setenv(data.FASHION_MNIST_ENV, str(tmp_path / "missing"))
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "missing"))
+    x, y, desc = X.load_data.__wrapped__("fashion_mnist", 2048, 2)
+    assert "digits" in desc and "unavailable" in desc
+    assert x.shape == (X.FALLBACK_N, 64) and x.dtype == np.float32 and y.shape == (X.FALLBACK_N,)
+    assert np.allclose(x.mean(axis=0), 0, atol=1e-5)
+
+
+def test_table_batch_fn_follows_the_training_order():
+    x = np.arange(40, dtype=np.float32)[:, None]
+    y = np.arange(40, dtype=np.int32)
+    fn = X.table_batch_fn(x, y, 8, (3, 5), steps=12)
+    for seed in (3, 5):
+        for t in (0, 4, 7, 11):
+            xb, yb = fn(np.int32(seed), np.int32(t))
+            perm = data.epoch_permutation(40, seed, t // 5)
+            assert np.array_equal(np.asarray(yb), perm[(t % 5) * 8:(t % 5 + 1) * 8])
+            assert np.array_equal(np.asarray(xb)[:, 0], np.asarray(yb, np.float32))
