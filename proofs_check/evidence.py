@@ -53,8 +53,9 @@ class Evidence:
       negative_control: True when the setting breaks a hypothesis on purpose: the claim's conclusion must
         then be reported violated (the record's ``passed`` says whether the relation holds; a control is
         *confirmed* when it does not).
-      details: anything else worth keeping; ``details['curves']`` holds per-step curves for the report's
-        plots (``{name: {'x', 'y', 'xlabel', 'ylabel', 'logy'}}``, subsampled to a few hundred points).
+      details: anything else worth keeping; ``details['curves']`` holds curves for the report's plots
+        (``{name: {'x', 'y', 'xlabel', 'ylabel', 'logy'[, 'logx']}}``, ``y`` a list or a dict of named series
+        sharing ``x``, at most a few hundred points: :func:`proofs_check.curves.curve`).
     """
 
     claim: str

@@ -97,6 +97,14 @@ def _direction(key, shape, dtype, scale) -> jax.Array:
     return jnp.asarray(scale, dtype) * x / jnp.linalg.norm(x)
 
 
+def _one_group_init(dim: int):
+    """``init(key, scale=1.0, dtype=None) -> {'w': (dim,)}``: a uniform direction of norm ``scale``."""
+    def init(key, scale=1.0, dtype=None):
+        return {"w": _direction(key, (dim,), _dtype(dtype), scale)}
+
+    return init
+
+
 def _random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
     q, r = np.linalg.qr(rng.standard_normal((d, d)))
     return q * np.sign(np.diag(r))
@@ -220,13 +228,10 @@ def rayleigh_quotient(dim: int = 8, seed: int = 0, eigenvalues: Sequence[float] 
     def hessian_eigenvalues_on_sphere(p):
         return 2.0 * (_as(lam, p["w"]) - loss(p))
 
-    def init(key, scale=1.0, dtype=None):
-        return {"w": _direction(key, (dim,), _dtype(dtype), scale)}
-
     return Problem(
         name=f"rayleigh_quotient(d={dim})",
         loss=loss,
-        init=init,
+        init=_one_group_init(dim),
         labels={"w": si("w")},
         scale_invariant=True,
         description="Rayleigh quotient w^T A w / w^T w: scale-invariant, stationary points are eigenvectors of A",
@@ -291,13 +296,10 @@ def sphere_function(dim: int = 20, seed: int = 0) -> Problem:
         u = w / jnp.linalg.norm(w)
         return u @ (_as(A, w) @ u) + 0.5 * jnp.sin(_as(b, w) @ u)
 
-    def init(key, scale=1.0, dtype=None):
-        return {"w": _direction(key, (dim,), _dtype(dtype), scale)}
-
     return Problem(
         name=f"sphere_function(d={dim})",
         loss=loss,
-        init=init,
+        init=_one_group_init(dim),
         labels={"w": si("w")},
         scale_invariant=True,
         description="f(w/||w||), f(u) = u^T A u + 0.5 sin(b^T u): non-convex, scale-invariant",
@@ -356,7 +358,10 @@ def noisy_sphere_function(dim: int = 20, seed: int = 0, noise_std: float | Seque
     )
 
 
-def _bn_problem(kind, n, d, seed, num_batches, epsilon):
+def _regression_data(kind, n, d, seed, num_batches):
+    """``(X, y, Xb, yb)``: a Gaussian design ``X`` ``(n, d)`` and targets from ``seed`` (``'linear'``:
+    ``X w* + 0.5 + 0.5 noise``; ``'logistic'``: labels ``+-1`` of a noisy linear rule, not separable), and
+    both split, in order, into ``num_batches`` fixed mini-batches ``(num_batches, n / num_batches, ...)``."""
     if kind not in ("linear", "logistic"):
         raise ValueError(f"kind must be 'linear' or 'logistic', got {kind!r}")
     if n % num_batches:
@@ -366,11 +371,18 @@ def _bn_problem(kind, n, d, seed, num_batches, epsilon):
     w_true = rng.standard_normal(d)
     if kind == "linear":
         y = X @ w_true + 0.5 + 0.5 * rng.standard_normal(n)
-    else:  # labels +-1 from a noisy linear rule, so the data are not separable
+    else:
         y = np.where(X @ w_true + rng.standard_normal(n) >= 0.0, 1.0, -1.0)
     B = n // num_batches
-    Xb = X.reshape(num_batches, B, d)
-    yb = y.reshape(num_batches, B)
+    return X, y, X.reshape(num_batches, B, d), y.reshape(num_batches, B)
+
+
+def _bn_problem(kind, n, d, seed, num_batches, epsilon, *, name: str, description: str,
+                scale_invariant: bool) -> Problem:
+    """The BN regression ``z = gamma BN_epsilon(X w) + beta`` with the squared (``'linear'``) or logistic loss
+    (:func:`bn_linear_regression`, :func:`bn_logistic_regression`, :func:`epsilon_bn`)."""
+    X, y, Xb, yb = _regression_data(kind, n, d, seed, num_batches)
+    B = n // num_batches
 
     def batch_loss(p, X_, y_):
         w = p["w"]
@@ -393,13 +405,21 @@ def _bn_problem(kind, n, d, seed, num_batches, epsilon):
         w = z[:d]
         return {"w": jnp.asarray(scale, dt) * w / jnp.linalg.norm(w), "gamma": 1.0 + 0.5 * z[d], "beta": 0.5 * z[d + 1]}
 
-    labels = {"w": si("w"), "gamma": VARIANT_LABEL, "beta": VARIANT_LABEL}
     consts = {"X": X, "y": y, "batch_size": B, "num_batches": num_batches, "epsilon": epsilon}
     if kind == "linear" and epsilon == 0.0:
         consts["L_gg"] = 1.0
     if kind == "logistic" and epsilon == 0.0:
         consts["L_gg_bound"] = 0.25
-    return loss, stochastic_loss, init, labels, consts
+    return Problem(
+        name=name,
+        loss=loss,
+        init=init,
+        labels={"w": si("w"), "gamma": VARIANT_LABEL, "beta": VARIANT_LABEL},
+        scale_invariant=scale_invariant,
+        description=description,
+        stochastic_loss=stochastic_loss,
+        constants=_frozen(consts),
+    )
 
 
 def bn_linear_regression(n: int = 64, d: int = 5, seed: int = 0, num_batches: int = 4) -> Problem:
@@ -425,17 +445,9 @@ def bn_linear_regression(n: int = 64, d: int = 5, seed: int = 0, num_batches: in
 
     Paper: eq. (1) BN; scale invariance of weights feeding BN (Sec. 1-2, Definition 2.1).
     """
-    loss, sloss, init, labels, consts = _bn_problem("linear", n, d, seed, num_batches, 0.0)
-    return Problem(
-        name=f"bn_linear_regression(n={n},d={d})",
-        loss=loss,
-        init=init,
-        labels=labels,
-        scale_invariant=True,
-        description="squared loss of gamma*BN(Xw)+beta, exact train-mode BN (epsilon=0): w scale-invariant",
-        stochastic_loss=sloss,
-        constants=_frozen(consts),
-    )
+    return _bn_problem(
+        "linear", n, d, seed, num_batches, 0.0, name=f"bn_linear_regression(n={n},d={d})", scale_invariant=True,
+        description="squared loss of gamma*BN(Xw)+beta, exact train-mode BN (epsilon=0): w scale-invariant")
 
 
 def bn_logistic_regression(n: int = 64, d: int = 5, seed: int = 0, num_batches: int = 4) -> Problem:
@@ -459,17 +471,9 @@ def bn_logistic_regression(n: int = 64, d: int = 5, seed: int = 0, num_batches: 
 
     Paper: eq. (1) BN; Definition 2.1.
     """
-    loss, sloss, init, labels, consts = _bn_problem("logistic", n, d, seed, num_batches, 0.0)
-    return Problem(
-        name=f"bn_logistic_regression(n={n},d={d})",
-        loss=loss,
-        init=init,
-        labels=labels,
-        scale_invariant=True,
-        description="logistic loss of gamma*BN(Xw)+beta, exact train-mode BN (epsilon=0): w scale-invariant",
-        stochastic_loss=sloss,
-        constants=_frozen(consts),
-    )
+    return _bn_problem(
+        "logistic", n, d, seed, num_batches, 0.0, name=f"bn_logistic_regression(n={n},d={d})", scale_invariant=True,
+        description="logistic loss of gamma*BN(Xw)+beta, exact train-mode BN (epsilon=0): w scale-invariant")
 
 
 def multi_group(
@@ -636,17 +640,10 @@ def epsilon_bn(
 
     Paper: smoothed-network appendix (standard epsilon-BN breaks scale invariance; claims C1, C19).
     """
-    loss, sloss, init, labels, consts = _bn_problem(kind, n, d, seed, num_batches, float(epsilon))
-    return Problem(
-        name=f"epsilon_bn({kind},eps={epsilon:g})",
-        loss=loss,
-        init=init,
-        labels=labels,
+    return _bn_problem(
+        kind, n, d, seed, num_batches, float(epsilon), name=f"epsilon_bn({kind},eps={epsilon:g})",
         scale_invariant=False,
-        description=f"breaks scale invariance (Definition 2.1) of w: BN with sqrt(sigma^2 + {epsilon:g})",
-        stochastic_loss=sloss,
-        constants=_frozen(consts),
-    )
+        description=f"breaks scale invariance (Definition 2.1) of w: BN with sqrt(sigma^2 + {epsilon:g})")
 
 
 def no_normalisation(n: int = 64, d: int = 5, seed: int = 0, num_batches: int = 4) -> Problem:
@@ -663,14 +660,7 @@ def no_normalisation(n: int = 64, d: int = 5, seed: int = 0, num_batches: int = 
 
     Paper: the hypothesis that ``w`` feeds a normalisation layer (Sec. 1, Definition 2.1).
     """
-    if n % num_batches:
-        raise ValueError(f"n={n} is not a multiple of num_batches={num_batches}")
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    w_true = rng.standard_normal(d)
-    y = X @ w_true + 0.5 + 0.5 * rng.standard_normal(n)
-    B = n // num_batches
-    Xb, yb = X.reshape(num_batches, B, d), y.reshape(num_batches, B)
+    X, y, Xb, yb = _regression_data("linear", n, d, seed, num_batches)
 
     def loss(p):
         w = p["w"]
@@ -686,19 +676,16 @@ def no_normalisation(n: int = 64, d: int = 5, seed: int = 0, num_batches: int = 
         i = jax.random.randint(key, (), 0, num_batches)
         return 0.5 * jnp.mean((_as(Xb, w)[i] @ w - _as(yb, w)[i]) ** 2)
 
-    def init(key, scale=1.0, dtype=None):
-        return {"w": _direction(key, (d,), _dtype(dtype), scale)}
-
     return Problem(
         name=f"no_normalisation(n={n},d={d})",
         loss=loss,
-        init=init,
+        init=_one_group_init(d),
         labels={"w": si("w")},
         scale_invariant=False,
         description="breaks the normalisation hypothesis: linear regression without BN, w mislabelled 'si'",
         stochastic_loss=stochastic_loss,
         grad_closed_form=grad,
-        constants=_frozen({"X": X, "y": y, "batch_size": B, "num_batches": num_batches}),
+        constants=_frozen({"X": X, "y": y, "batch_size": n // num_batches, "num_batches": num_batches}),
     )
 
 

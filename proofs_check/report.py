@@ -17,9 +17,10 @@ From a list of :class:`proofs_check.claims.ClaimResult`:
                                 "logy": True}}
 
 Optional keys: ``"logx"`` (bool), ``"title"`` (str); ``"y"`` may also be a dict ``{label: [...]}`` of series
-that share ``x``. Each curve is drawn into ``plots/<claim>_<name>.png`` (the name reduced to
-``[A-Za-z0-9._-]``; a numeric suffix keeps names unique) and linked from ``report.md``. On a log axis,
-non-positive and non-finite points are left out. A curve that cannot be drawn is reported, not fatal.
+that share ``x`` (:func:`proofs_check.curves.curve` builds them). Each curve is drawn into
+``plots/<claim>_<name>.png`` (the name reduced to ``[A-Za-z0-9._-]``; a numeric suffix keeps names unique)
+and linked from ``report.md``. On a log axis, non-positive and non-finite points are left out. A curve that
+cannot be drawn is reported, not fatal.
 
 **Verdicts.** A claim record is ``ok`` when its relation holds; a negative control when it does not, and
 its measured value is a finite number (a NaN is never a confirmed violation). A claim passes when it has

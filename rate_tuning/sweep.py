@@ -26,7 +26,7 @@ claim C15) are flagged in ``diverged`` and fill their own records with NaN/Inf; 
 unaffected (there is no reduction across runs).
 
 For BN networks, :func:`bn_problem` turns a linen model into ``loss_fn``/``init_fn`` in train mode and
-:func:`minibatch_fn` gives a pure, per-seed deterministic mini-batch ``batch_fn``.
+:func:`minibatch_fn` gives a pure ``batch_fn`` with the training loop's mini-batch order.
 
 Example::
 
@@ -77,9 +77,6 @@ The benchmark's suggestion (geometric mean of the largest win and the smallest l
 the threshold is their median. Parameter count alone does not decide: width 64 wins at batch 32 and loses
 at batch 256.
 """
-
-_DATA_STREAM = 0x64617461  # 'data': folded into key(seed) by minibatch_fn, apart from init_fn's key(seed)
-
 
 # ------------------------------------------------------------------------------------------------
 # The run grid.
@@ -264,6 +261,9 @@ class Sweep:
         self.record_every = _check_int("record_every", record_every, 1)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        covered = getattr(batch_fn, "steps", None)  # a minibatch_fn table ends at step `covered`
+        if covered is not None and covered < self.steps:
+            raise ValueError(f"batch_fn covers steps 0..{covered}, but the sweep evaluates steps 0..{self.steps}")
         # the optimizer is built inside the trace with traced rates (optim lets tracers through); build it
         # once here with concrete ones, so that a bad schedule, weight_decay or momentum fails before tracing
         optim.two_rate_sgd(labels, optim.schedule(schedule, 1.0), optim.schedule(schedule, 1.0),
@@ -376,6 +376,9 @@ class Sweep:
             raise ValueError(f"seeds must be integers, got {seeds!r}")
         if np.any(seeds < 0) or np.any(seeds >= 2 ** 31):
             raise ValueError(f"seeds must be in [0, 2**31), got {seeds!r}")
+        known = getattr(self.batch_fn, "seeds", None)  # a minibatch_fn table holds these seeds' orders only
+        if known is not None and not {int(v) for v in seeds} <= set(known):
+            raise ValueError(f"batch_fn has no batches for seeds {sorted({int(v) for v in seeds} - set(known))}")
         return (lr_w.astype(np.float64), lr_g.astype(np.float64), seeds.astype(np.int64))
 
     def __call__(self, lr_w, lr_g, seeds, *, shape: tuple[int, ...] | None = None) -> SweepResult:
@@ -443,8 +446,8 @@ def run_sweep(loss_fn: Callable, init_fn: Callable[[jax.Array], PyTree], labels,
       schedule: ``'constant'`` or ``'inverse_sqrt'``, applied to both rates.
       weight_decay, momentum, project: as in :func:`rate_tuning.optim.two_rate_sgd` (off in the theory).
       batch_fn: ``(seed, t) -> batch``, a pure jnp function of the traced int32 ``seed`` and step ``t``
-        (e.g. :func:`minibatch_fn`); derive its keys with ``jax.random.fold_in`` so that they differ from
-        ``init_fn``'s ``key(seed)``.
+        (e.g. :func:`minibatch_fn`); one that draws with ``jax.random`` should derive its keys with
+        ``jax.random.fold_in`` so that they differ from ``init_fn``'s ``key(seed)``.
       record_every: record steps ``0, k, 2k, ... < T`` only (the metrics of other steps are not computed).
       strategy: ``'vmap'``, ``'loop'`` or ``'auto'`` (:func:`choose_strategy`); same numbers either way.
       return_params: also return ``theta_T`` of every run (stacked; may be big).
@@ -511,26 +514,38 @@ def bn_problem(model, params_template, batch_stats, x, y, *, same_init: bool = F
     return BNProblem(loss_fn, init_fn)
 
 
-def minibatch_fn(x, y, batch_size: int) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """A pure ``batch_fn(seed, step) -> (x_b, y_b)``: mini-batches without replacement, epoch by epoch.
+def minibatch_fn(x, y, batch_size: int, *, seeds: Sequence[int], steps: int
+                 ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """A pure ``batch_fn(seed, step) -> (x_b, y_b)``: mini-batches without replacement, in the training loop's order.
 
     Step ``t`` is batch ``b = t % nb`` of epoch ``e = t // nb`` (``nb = len(x) // batch_size``; the last
-    incomplete batch of an epoch is dropped, as in :mod:`rate_tuning.data`), taken from the permutation
-    ``jax.random.permutation(fold_in(fold_in(key(seed), DATA), e), len(x))``. Deterministic per
-    ``(seed, step)``, different across seeds, usable inside ``jit``/``vmap``/``scan``. It draws with
-    ``jax.random``, so the order differs from :func:`rate_tuning.data.batch_at` (numpy). Cost: one
-    permutation of ``len(x)`` indices per step.
+    incomplete batch of an epoch is dropped) in the order :func:`rate_tuning.data.epoch_permutation`
+    ``(len(x), seed, e)``, i.e. the batch :func:`rate_tuning.data.batch_at` gives the training loop.
+    Deterministic per ``(seed, step)``, different across seeds and epochs, usable inside ``jit``/``vmap``/``scan``.
+
+    The orders of every seed in ``seeds`` and every epoch up to step ``steps`` (inclusive: a sweep evaluates
+    its final loss on batch ``steps``) are precomputed into a constant index table
+    (``len(seeds) x epochs x len(x)`` int32), so a step costs one gather instead of a permutation (a sort of
+    ``len(x)`` keys, several times a small model's own step). ``batch_fn.seeds`` and ``batch_fn.steps``
+    record the range: :class:`Sweep` refuses seeds and step counts outside it.
     """
     x, y = jnp.asarray(x), jnp.asarray(y)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
     n = len(x)
     nb = data.steps_per_epoch(n, batch_size)
+    seeds = tuple(int(s) for s in seeds)
+    steps = _check_int("steps", steps, 0)
+    if not seeds:
+        raise ValueError("minibatch_fn: seeds is empty")
+    epochs = steps // nb + 1
+    table = np.stack([np.stack([data.epoch_permutation(n, s, e)[: nb * batch_size] for e in range(epochs)])
+                      for s in seeds]).astype(np.int32).reshape(len(seeds), epochs * nb, batch_size)
+    tab, seed_of_row = jnp.asarray(table), jnp.asarray(seeds, jnp.int32)
 
     def batch_fn(seed, step):
-        epoch, b = jnp.divmod(jnp.asarray(step, jnp.int32), nb)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DATA_STREAM), epoch)
-        idx = jax.lax.dynamic_slice_in_dim(jax.random.permutation(key, n), b * batch_size, batch_size)
+        idx = tab[jnp.argmax(seed_of_row == seed), step]
         return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
 
+    batch_fn.seeds, batch_fn.steps = seeds, steps
     return batch_fn

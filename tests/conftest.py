@@ -1,4 +1,5 @@
-"""Shared fixtures: float64 for identity checks (enabled per test, never globally) and tiny models."""
+"""Shared fixtures: float64 for identity checks (enabled per test, never globally), jax's compilation cache,
+and the quick-settings evidence of the paper's claims (run once per test module)."""
 import jax
 import pytest
 
@@ -31,3 +32,22 @@ def compilation_cache(tmp_path_factory):
     for name, value in old.items():
         jax.config.update(name, value)
     cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    """``claim id -> list[Evidence]`` of the claim's quick settings, each claim run once per module (via
+    :func:`proofs_check.claims.run`); a check that leaves ``jax_enable_x64`` changed fails."""
+    from proofs_check import claims
+
+    registry = claims.load_all()
+    cache: dict = {}
+    x64_before = jax.config.jax_enable_x64
+
+    def get(cid: str) -> list:
+        if cid not in cache:
+            cache[cid] = claims.run(registry[cid], quick=True).evidence
+            assert jax.config.jax_enable_x64 == x64_before, f"{cid} left jax_enable_x64 changed"
+        return cache[cid]
+
+    return get

@@ -21,16 +21,14 @@ from jax.flatten_util import ravel_pytree
 
 from proofs_check import curvature as C
 from proofs_check import problems as P
+from proofs_check.numerics import numpy_init
 from rate_tuning.groups import FROZEN_LABEL, VARIANT_LABEL, si
 
 REL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    """Every test runs (and creates its arrays) in float64; the global setting is restored afterwards."""
-    with jax.enable_x64(True):
-        yield
+# every test runs (and creates its arrays) in float64; the global setting is restored afterwards
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _rel(a, b):
@@ -50,14 +48,7 @@ def _np_flat(tree):
 
 def _random_point(prob, seed, scale=1.0):
     """N(0, 1) entries drawn with numpy (no JAX RNG to compile), every SI group rescaled to norm ``scale``."""
-    shapes = jax.eval_shape(prob.init, jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-    point = jax.tree.map(lambda s: rng.standard_normal(s.shape), shapes)
-    _, w_masks, _ = C.si_group_masks(shapes, prob.labels)
-    for m in w_masks:
-        norm = np.sqrt(sum(np.sum((x * k) ** 2) for x, k in zip(jax.tree.leaves(point), jax.tree.leaves(m))))
-        point = jax.tree.map(lambda x, k: x * (1 - k) + x * k * (scale / norm), point, m)
-    return jax.tree.map(jnp.asarray, point)
+    return jax.tree.map(jnp.asarray, numpy_init(prob, seed, scale, "float64"))
 
 
 def _np_projector(params, labels):

@@ -1,30 +1,16 @@
 """proofs_check.checks.experiments: C22 and C23 pass in their quick settings and their negative controls are
 reported violated. They use Fashion-MNIST when its files are installed and scikit-learn digits otherwise,
-so they always run; each record's setting names the dataset."""
-import jax
+so they always run; each record's setting names the dataset. Each claim runs once per module (the
+``evidence`` fixture of conftest.py)."""
 import numpy as np
 import pytest
 
 from proofs_check import claims
-from proofs_check.checks import experiments as X  # noqa: F401  (registers C22, C23)
-from proofs_check.evidence import Evidence
+from proofs_check.checks import experiments as X
 from rate_tuning import data
+from tests.claim_testing import assert_claim_holds, check_curve, curves_of
 
 CLAIMS = ("C22", "C23")
-
-
-@pytest.fixture(scope="module")
-def evidence():
-    cache: dict[str, list[Evidence]] = {}
-    x64_before = jax.config.jax_enable_x64
-
-    def get(cid: str) -> list[Evidence]:
-        if cid not in cache:
-            cache[cid] = claims.run(claims.REGISTRY[cid], quick=True).evidence
-            assert jax.config.jax_enable_x64 == x64_before, f"{cid} left jax_enable_x64 changed"
-        return cache[cid]
-
-    return get
 
 
 def _fashion_available() -> bool:
@@ -37,11 +23,7 @@ def _fashion_available() -> bool:
 
 @pytest.mark.parametrize("cid", CLAIMS)
 def test_claim_holds(evidence, cid):
-    records = [e for e in evidence(cid) if not e.negative_control]
-    assert records
-    for e in records:
-        assert e.passed, f"{cid} failed: {e.setting}: measured {e.measured:.4g} {e.relation} {e.bound:.4g}"
-        assert e.dtype == "float32" and e.tolerance >= 0
+    assert_claim_holds(evidence(cid), cid, dtypes=("float32",), tolerance_positive=False, finite=False)
 
 
 def test_c22_trains_for_every_lr(evidence):
@@ -80,13 +62,13 @@ def test_records_name_their_dataset(evidence, cid):
 def test_curves(evidence):
     """The report's curve convention with several series (proofs_check.report); diverged runs are NaN."""
     for cid in CLAIMS:
-        curves = [c for e in evidence(cid) for c in e.details.get("curves", {}).values()]
+        curves = curves_of(evidence(cid))
         assert len(curves) == 2, cid
         for c in curves:
-            assert {"x", "y", "xlabel", "ylabel", "logy"} <= set(c) <= {"x", "y", "xlabel", "ylabel", "logy", "logx"}
-            assert isinstance(c["y"], dict) and len(c["y"]) >= 2 and 0 < len(c["x"]) <= 500
+            check_curve(c)
+            assert isinstance(c["y"], dict) and len(c["y"]) >= 2
             for y in c["y"].values():
-                assert len(y) == len(c["x"]) and np.any(np.isfinite(y))
+                assert np.any(np.isfinite(y))
 
 
 def test_fallback_to_digits(monkeypatch, tmp_path):
@@ -97,15 +79,3 @@ def test_fallback_to_digits(monkeypatch, tmp_path):
     assert "digits" in desc and "unavailable" in desc
     assert x.shape == (X.FALLBACK_N, 64) and x.dtype == np.float32 and y.shape == (X.FALLBACK_N,)
     assert np.allclose(x.mean(axis=0), 0, atol=1e-5)
-
-
-def test_table_batch_fn_follows_the_training_order():
-    x = np.arange(40, dtype=np.float32)[:, None]
-    y = np.arange(40, dtype=np.int32)
-    fn = X.table_batch_fn(x, y, 8, (3, 5), steps=12)
-    for seed in (3, 5):
-        for t in (0, 4, 7, 11):
-            xb, yb = fn(np.int32(seed), np.int32(t))
-            perm = data.epoch_permutation(40, seed, t // 5)
-            assert np.array_equal(np.asarray(yb), perm[(t % 5) * 8:(t % 5 + 1) * 8])
-            assert np.array_equal(np.asarray(xb)[:, 0], np.asarray(yb, np.float32))

@@ -1,16 +1,17 @@
 """proofs_check.checks.gd: the GD theorem's claims (C9-C12, C14, C15) pass in their quick settings, every
 negative control is reported violated, and the explicit constants behave as derived (docs/derivations.md,
-"The GD theorem with explicit constants"). Each claim runs once per module (the fixture memoises the evidence;
-the claims share one compiled multi_group program)."""
+"The GD theorem with explicit constants"). Each claim runs once per module (the ``evidence`` fixture of
+conftest.py memoises it; the claims share one compiled multi_group program)."""
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from proofs_check import claims, problems
-from proofs_check.checks import gd  # noqa: F401  (registers C9-C12, C14, C15)
-from proofs_check.evidence import Evidence
+from proofs_check import problems
+from proofs_check.checks import gd
+from tests.claim_testing import (assert_claim_holds, assert_controls_listed, assert_controls_violated, check_curve,
+                                 curves_of)
 
 CLAIMS = ("C9", "C10", "C11", "C12", "C14", "C15")
 
@@ -26,47 +27,19 @@ CONTROLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def evidence():
-    """``claim id -> list[Evidence]`` of the quick settings, each claim run once (via ``claims.run``)."""
-    cache: dict[str, list[Evidence]] = {}
-    x64_before = jax.config.jax_enable_x64
-
-    def get(cid: str) -> list[Evidence]:
-        if cid not in cache:
-            cache[cid] = claims.run(claims.REGISTRY[cid], quick=True).evidence
-            assert jax.config.jax_enable_x64 == x64_before, f"{cid} left jax_enable_x64 changed"
-        return cache[cid]
-
-    return get
-
-
 @pytest.mark.parametrize("cid", CLAIMS)
 def test_claim_holds(evidence, cid):
-    records = [e for e in evidence(cid) if not e.negative_control]
-    assert records, f"{cid} produced no claim record"
-    for e in records:
-        assert e.passed, f"{cid} failed: {e.setting}: measured {e.measured:.4e} {e.relation} {e.bound:.4e} " \
-                         f"(tolerance {e.tolerance:.2e})"
-        assert e.tolerance >= 0 and np.isfinite(e.measured) and e.dtype == "float64"
+    assert_claim_holds(evidence(cid), cid, tolerance_positive=False)
 
 
 @pytest.mark.parametrize("cid, setting", CONTROLS)
 def test_negative_control_is_violated(evidence, cid, setting):
-    matches = [e for e in evidence(cid) if e.negative_control and setting in e.setting]
-    assert matches, f"{cid}: no negative control with setting {setting!r}"
-    for e in matches:
-        assert not e.passed, f"{cid} control not detected: {e.setting}: measured {e.measured:.3e}"
-        assert e.ok and "breaks" in e.details and np.isfinite(e.measured)
-        # clearly violated, not by a hair
-        assert -e.margin > 100 * e.tolerance or -e.margin > 0.1 * abs(e.bound)
+    # clearly violated, not by a hair, and on a finite measurement
+    assert_controls_violated(evidence(cid), cid, setting=setting, clear_by=100, finite=True)
 
 
 def test_every_control_is_listed(evidence):
-    for cid in CLAIMS:
-        for e in evidence(cid):
-            if e.negative_control:
-                assert any(c == cid and s in e.setting for c, s in CONTROLS), e.setting
+    assert_controls_listed(evidence, CONTROLS, CLAIMS)
 
 
 def test_c9_spans_eight_decades_on_two_problems(evidence):
@@ -94,13 +67,10 @@ def test_c11_end_slopes_have_opposite_signs(evidence):
 
 def test_curves_follow_the_report_convention(evidence):
     for cid in CLAIMS:
-        curves = [c for e in evidence(cid) for c in e.details.get("curves", {}).values()]
+        curves = curves_of(evidence(cid))
         assert curves, f"{cid} has no curves"
         for c in curves:
-            assert {"x", "y", "xlabel", "ylabel", "logy"} <= set(c)
-            ys = c["y"].values() if isinstance(c["y"], dict) else [c["y"]]
-            for y in ys:
-                assert len(c["x"]) == len(y) <= 500
+            check_curve(c)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Tests of proofs_check.checks.identities: claims C1, C2, C3, C19, C20, C21 at their quick settings.
 
-Each claim runs once per module (a lazy module-scoped cache); one test per claim asserts that every
-non-control record holds, one test per declared negative control asserts that its records exist and are
-reported violated.
+Each claim runs once per module (the ``evidence`` fixture of conftest.py); one test per claim asserts that
+every non-control record holds, one test per declared negative control asserts that its records exist and
+are reported violated.
 """
 from __future__ import annotations
 
@@ -16,31 +16,10 @@ from proofs_check import report
 from proofs_check.checks import identities as I
 from rate_tuning import groups as G
 from rate_tuning import models as M
+from tests.claim_testing import assert_claim_holds, assert_controls_violated, describe
 
 IDS = ("C1", "C2", "C3", "C19", "C20", "C21")
 REGISTRY = claims.load_all()
-
-
-class _Runs:
-    """Runs a claim (quick settings) the first time it is asked for, then returns the cached result."""
-
-    def __init__(self):
-        self._results: dict[str, claims.ClaimResult] = {}
-
-    def __getitem__(self, cid: str) -> claims.ClaimResult:
-        if cid not in self._results:
-            self._results[cid] = claims.run(REGISTRY[cid], quick=True)
-        return self._results[cid]
-
-
-@pytest.fixture(scope="module")
-def runs():
-    return _Runs()
-
-
-def _describe(records) -> str:
-    return "\n".join(f"  measured={e.measured:.3e} {e.relation} {e.bound:g} +- {e.tolerance:.2e}: {e.setting}"
-                     for e in records)
 
 
 def test_identity_claims_are_registered():
@@ -52,13 +31,9 @@ def test_identity_claims_are_registered():
 
 
 @pytest.mark.parametrize("cid", IDS)
-def test_claim_records_hold(runs, cid):
-    result = runs[cid]
-    records = [e for e in result.evidence if not e.negative_control]
-    assert records, f"{cid} produced no claim records"
-    failed = [e for e in records if not report.record_ok(e)]
-    assert not failed, f"{cid}: records that do not hold:\n{_describe(failed)}"
-    for e in result.evidence:
+def test_claim_records_hold(evidence, cid):
+    assert_claim_holds(evidence(cid), cid)
+    for e in evidence(cid):
         assert e.claim == cid and e.dtype == "float64" and e.tolerance > 0
         assert e.bn in ("exact", "smooth", "standard", "eval-mode", "none")
         assert "op_count" in e.details
@@ -66,19 +41,16 @@ def test_claim_records_hold(runs, cid):
 
 @pytest.mark.parametrize("cid,control", [(c, n) for c in IDS for n in REGISTRY[c].negative_controls],
                          ids=[f"{c}-control{i}" for c in IDS for i in range(len(REGISTRY[c].negative_controls))])
-def test_negative_control_is_violated(runs, cid, control):
-    records = [e for e in runs[cid].evidence if e.negative_control and e.details.get("breaks") == control]
-    assert records, f"{cid}: no record exercises the declared control {control!r}"
-    broken = [e for e in records if not report.record_ok(e)]
-    assert not broken, f"{cid}: control {control!r} NOT violated:\n{_describe(broken)}"
+def test_negative_control_is_violated(evidence, cid, control):
+    records = assert_controls_violated(evidence(cid), cid, breaks=control, clear_by=None)
     for e in records:  # clearly above round-off: at least 1e3 times the tolerance
-        assert e.measured > 1e3 * (e.bound + e.tolerance), _describe([e])
+        assert e.measured > 1e3 * (e.bound + e.tolerance), describe([e])
 
 
 @pytest.mark.parametrize("cid", IDS)
-def test_every_control_record_names_a_declared_control(runs, cid):
+def test_every_control_record_names_a_declared_control(evidence, cid):
     declared = set(REGISTRY[cid].negative_controls)
-    for e in runs[cid].evidence:
+    for e in evidence(cid):
         if e.negative_control:
             assert e.details.get("breaks") in declared, e.setting
         else:

@@ -1,14 +1,13 @@
 """proofs_check.checks.sgd: C16-C18 pass in their quick settings and every negative control is reported violated
-(each claim runs once per module); the helpers against closed forms."""
+(each claim runs once per module: the ``evidence`` fixture of conftest.py); the helpers against closed forms."""
 import math
 
-import jax
 import numpy as np
 import pytest
 
 from proofs_check import claims
-from proofs_check.checks import sgd as S  # noqa: F401  (registers C16-C18)
-from proofs_check.evidence import Evidence
+from proofs_check.checks import sgd as S
+from tests.claim_testing import assert_claim_holds, assert_controls_violated, check_curve, curves_of
 
 CLAIMS = ("C16", "C17", "C18")
 
@@ -16,40 +15,15 @@ CLAIMS = ("C16", "C17", "C18")
 CONTROLS = [("C16", "constant", 3), ("C17", "no noise", 3), ("C18", "projected SGD", 1)]
 
 
-@pytest.fixture(scope="module")
-def evidence():
-    """``claim id -> list[Evidence]`` of the quick settings, each claim run once (via ``claims.run``)."""
-    cache: dict[str, list[Evidence]] = {}
-    x64_before = jax.config.jax_enable_x64
-
-    def get(cid: str) -> list[Evidence]:
-        if cid not in cache:
-            cache[cid] = claims.run(claims.REGISTRY[cid], quick=True).evidence
-            assert jax.config.jax_enable_x64 == x64_before, f"{cid} left jax_enable_x64 changed"
-        return cache[cid]
-
-    return get
-
-
 @pytest.mark.parametrize("cid", CLAIMS)
 def test_claim_holds(evidence, cid):
-    records = [e for e in evidence(cid) if not e.negative_control]
-    assert records, f"{cid} produced no claim record"
-    for e in records:
-        assert e.passed, f"{cid} failed: {e.setting}: measured {e.measured:.4g} {e.relation} {e.bound:.4g} " \
-                         f"(tolerance {e.tolerance:.3g})"
-        assert e.tolerance > 0 and np.isfinite(e.measured)
-        assert e.dtype == "float64"
+    assert_claim_holds(evidence(cid), cid)
 
 
 @pytest.mark.parametrize("cid, setting, count", CONTROLS)
 def test_negative_control_is_violated(evidence, cid, setting, count):
-    matches = [e for e in evidence(cid) if e.negative_control and setting in e.setting]
-    assert len(matches) == count, f"{cid}: expected {count} controls with {setting!r}, got {len(matches)}"
-    for e in matches:
-        assert not e.passed and e.ok and "breaks" in e.details, f"{cid} control not detected: {e.setting}"
-        # clearly violated, not by a hair: by at least 10 tolerances or a tenth of the bound
-        assert -e.margin > 10 * e.tolerance or -e.margin > 0.1 * abs(e.bound), f"{cid}: {e.setting}"
+    # clearly violated, not by a hair: by at least 10 tolerances or a tenth of the bound
+    assert_controls_violated(evidence(cid), cid, setting=setting, count=count, clear_by=10)
 
 
 def test_c16_records_per_lr(evidence):
@@ -78,23 +52,12 @@ def test_c18_slopes_have_intervals(evidence):
         assert e.tolerance == pytest.approx(S.polylog_allowance(np.asarray(e.details["T_grid"])))
 
 
-def check_curve(c: dict, finite: bool = True) -> None:
-    """The report's curve convention (proofs_check.report): x, y (a list or {label: list}), labels, log flags."""
-    assert {"x", "y", "xlabel", "ylabel", "logy"} <= set(c) <= {"x", "y", "xlabel", "ylabel", "logy", "logx"}
-    ys = c["y"] if isinstance(c["y"], dict) else {"": c["y"]}
-    assert 0 < len(c["x"]) <= 500
-    for y in ys.values():
-        assert len(y) == len(c["x"])
-        if finite:
-            assert np.all(np.isfinite(y))
-
-
 def test_curves_follow_the_report_convention(evidence):
     for cid in CLAIMS:
-        curves = [c for e in evidence(cid) for c in e.details.get("curves", {}).values()]
+        curves = curves_of(evidence(cid))
         assert curves, f"{cid} has no curves"
         for c in curves:
-            check_curve(c)
+            check_curve(c, finite=True)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from rate_tuning import groups as G, models, optim, sweep as S
+from rate_tuning import data, groups as G, models, optim, sweep as S
 
 D, Q = 6, 4.0
 _rng = np.random.default_rng(0)
@@ -170,7 +170,7 @@ def stochastic_toy():
 
 def test_minibatch_fn_is_deterministic_per_seed_and_differs_across_seeds(x64):
     x, y, loss = stochastic_toy()
-    batch_fn = S.minibatch_fn(x, y, batch_size=8)  # 5 batches per epoch
+    batch_fn = S.minibatch_fn(x, y, batch_size=8, seeds=(5, 6, 7, 8), steps=12)  # 5 batches per epoch
     jitted = jax.jit(batch_fn)
     ids = lambda seed, t: np.asarray(jitted(jnp.int32(seed), jnp.int32(t))[1])
     epoch0 = np.concatenate([ids(7, t) for t in range(5)])
@@ -189,6 +189,22 @@ def test_minibatch_fn_is_deterministic_per_seed_and_differs_across_seeds(x64):
     np.testing.assert_array_equal(a.loss[0], a.loss[1])
     assert not np.allclose(a.loss[0], a.loss[2])
     assert a.full_loss.shape == a.loss.shape and np.all(np.isfinite(a.full_grad_sq))
+    with pytest.raises(ValueError, match="no batches for seeds"):  # the table holds seeds 5-8 only
+        sgd(lr_w=[1.0], lr_g=[0.1], seeds=[9])
+    with pytest.raises(ValueError, match="covers steps"):  # ... and steps 0-12
+        S.make_sweep(loss, toy_init, LABELS, steps=13, batch_fn=batch_fn)
+
+
+def test_minibatch_fn_follows_the_training_order():
+    x = np.arange(40, dtype=np.float32)[:, None]
+    y = np.arange(40, dtype=np.int32)
+    fn = S.minibatch_fn(x, y, 8, seeds=(3, 5), steps=12)
+    for seed in (3, 5):
+        for t in (0, 4, 7, 11):
+            xb, yb = fn(np.int32(seed), np.int32(t))
+            perm = data.epoch_permutation(40, seed, t // 5)
+            assert np.array_equal(np.asarray(yb), perm[(t % 5) * 8:(t % 5 + 1) * 8])
+            assert np.array_equal(np.asarray(xb)[:, 0], np.asarray(yb, np.float32))
 
 
 def test_bn_mlp_sweep_norms_follow_lemma_2_4(x64):

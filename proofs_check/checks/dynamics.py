@@ -2,16 +2,15 @@
 
 Every check runs the optimizer users train with (:func:`rate_tuning.optim.two_rate_sgd`) through
 :func:`proofs_check.trajectories.run` and compares what it recorded with the paper's identities. Checks run
-in float64 (``jax.enable_x64`` at their entry); the float32 records run with x64 off, as training does.
-Every tolerance is derived next to its check and in ``docs/derivations.md``; ``u = eps / 2`` is the unit
-round-off and ``gamma(n) = n u / (1 - n u)`` the classical bound on the relative error of a sum of ``n``
-non-negative terms (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1).
+in float64 (:func:`proofs_check.numerics.x64` at their entry); the float32 records run with x64 off, as
+training does. Every tolerance is derived next to its check and in ``docs/derivations.md``, from the unit
+round-off ``u = eps / 2`` and ``gamma_n = n u / (1 - n u)``, the bound on the relative error of a sum of
+``n`` non-negative terms (Higham, §3.1; :mod:`proofs_check.numerics`).
 
 Paper: Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch Normalization", ICLR 2019.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable
 
@@ -22,47 +21,16 @@ import numpy as np
 from proofs_check import curvature, problems
 from proofs_check import trajectories as traj
 from proofs_check.claims import claim
+from proofs_check.curves import curve, magnitude
 from proofs_check.evidence import Evidence
+from proofs_check.numerics import fan_in_normal, gamma, numpy_init, tol_norm_identity, unit_roundoff, x64
 from rate_tuning import groups as G
 from rate_tuning import metrics as M
 from rate_tuning import optim
 
 # -------------------------------------------------------------------------------------------------------
-# precision, tolerances, helpers
+# tolerances, helpers
 # -------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _x64(enabled: bool = True):
-    """Float64 on (or off) for the duration of a check, never globally (DESIGN.md "Precision")."""
-    with jax.enable_x64(enabled):
-        yield
-
-
-def unit_roundoff(dtype) -> float:
-    """``u = eps / 2`` of ``dtype``."""
-    return float(np.finfo(np.dtype(dtype)).eps) / 2.0
-
-
-def gamma(n: int, dtype) -> float:
-    """``gamma_n = n u / (1 - n u)``: relative error bound of a floating-point sum of ``n`` non-negative terms."""
-    nu = n * unit_roundoff(dtype)
-    return nu / (1.0 - nu)
-
-
-def tol_norm_identity(n: int, dtype) -> float:
-    """Per-step tolerance of ``(||w'||^2 - ||w||^2 - lr^2 ||g||^2) / ||w'||^2`` (C4, C5).
-
-    Derivation (docs/derivations.md, C4): three squared norms of ``n`` terms, each within ``gamma_n`` of
-    its value, whose exact values sum to at most ``2 ||w'||^2`` -> ``2 gamma_n``; the rounding of
-    ``w' = fl(w - fl(lr g))`` moves ``||w'||^2`` by at most ``4u ||w'||^2`` and ``fl(lr^2)`` adds ``2u``
-    -> ``6u``; the radial component of the computed gradient contributes
-    ``2 lr |<g, w>| / ||w'||^2 = 2 |cos(g, w)| x / (1 + x^2)`` with ``x = rho a``, at most ``gamma_n`` both when the
-    gradient is well above round-off (its radial part is a cancelled dot product of ``n`` terms:
-    ``|cos| <= gamma_n``) and when it is at round-off level (``cos`` meaningless but ``x ~ 1e-16``)
-    -> ``gamma_n``. Total ``3 gamma_n + 6u``.
-    """
-    return 3.0 * gamma(n, dtype) + 6.0 * unit_roundoff(dtype)
 
 
 def tol_gradient_rescaled(n: int, dtype) -> float:
@@ -73,25 +41,6 @@ def tol_gradient_rescaled(n: int, dtype) -> float:
     enters the residual with weight ``rho^2 a^2 / (1 + rho^2 a^2) <= 1``; plus ``2u`` for the divisions.
     """
     return 3.0 * gamma(n, dtype) + 2.0 * unit_roundoff(dtype)
-
-
-def _subsample(x: np.ndarray, y: np.ndarray, max_points: int = 400):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) > max_points:
-        idx = np.unique(np.linspace(0, len(x) - 1, max_points).round().astype(int))
-        x, y = x[idx], y[idx]
-    return x, y
-
-
-def _curve(y, xlabel: str, ylabel: str, logy: bool, x=None) -> dict:
-    y = np.asarray(y, np.float64)
-    x = np.arange(len(y)) if x is None else np.asarray(x)
-    if logy:  # exact zeros (common for round-off residuals) are drawn at the smallest non-zero level
-        y = np.abs(y)
-        positive = y[y > 0]
-        y = np.maximum(y, positive.min() if positive.size else 1e-300)
-    xs, ys = _subsample(x, y)
-    return {"x": xs.tolist(), "y": ys.tolist(), "xlabel": xlabel, "ylabel": ylabel, "logy": bool(logy)}
 
 
 def _group_sizes(params, labels) -> dict[str, int]:
@@ -167,10 +116,8 @@ def _mlp(preset: str, dtype: str, n: int = 256, batch: int = 32, width: int = 16
         def draw(path, leaf):
             name = G.path_str(path)
             if name.endswith("kernel"):
-                w = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-                if preset == "fully_si" and name.startswith("params/classifier"):
-                    w = model.classifier_norm * w / np.linalg.norm(w, axis=0, keepdims=True)
-                return w.astype(dt)
+                frozen = preset == "fully_si" and name.startswith("params/classifier")
+                return fan_in_normal(rng, leaf.shape, model.classifier_norm if frozen else None).astype(dt)
             return (np.ones if name.endswith(("scale", "var")) else np.zeros)(leaf.shape, dt)
 
         return jax.tree_util.tree_map_with_path(draw, shapes)
@@ -187,27 +134,6 @@ def _mlp(preset: str, dtype: str, n: int = 256, batch: int = 32, width: int = 16
         return models.batch_loss(model, p, stats, jnp.asarray(xb)[i], jnp.asarray(yb)[i])[0]
 
     return loss, step_loss, (lambda seed: init(seed)["params"]), labels, models.PRESETS[preset].bn
-
-
-def numpy_init(prob: problems.Problem, seed: int, scale: float, dtype: str):
-    """Initial params of ``prob`` drawn with numpy (no JAX program to compile): every leaf standard normal
-    (``numpy.random.default_rng(seed)``), then every SI group rescaled to norm ``scale``.
-
-    The shapes come from ``jax.eval_shape(prob.init, ...)`` (tracing only). Eager ``prob.init`` would compile
-    each random/normalise op separately (~0.1 s each), which dominates short checks.
-    """
-    shapes = jax.eval_shape(lambda k: prob.init(k, dtype=jnp.dtype(dtype)), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    drawn = [rng.standard_normal(x.shape).astype(dtype) for x in leaves]
-    params = jax.tree_util.tree_unflatten(treedef, drawn)
-    sq: dict[str, float] = {}
-    for _, leaf, label in G.flatten_labelled(params, prob.labels):
-        if label.kind == G.SI:
-            sq[label.group] = sq.get(label.group, 0.0) + float(np.sum(np.asarray(leaf, np.float64) ** 2))
-    out = [np.asarray(leaf * (scale / np.sqrt(sq[label.group])), dtype) if label.kind == G.SI else leaf
-           for _, leaf, label in G.flatten_labelled(params, prob.labels)]
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # name -> (source, optimiser kwargs); source: a problem name or 'mlp:<preset>'
@@ -262,7 +188,7 @@ def _tx(source: str, dtype: str, lr_w: float, lr_g: float, schedule: str, weight
 def _trajectory(name: str, steps: int, seed: int = 0, dtype: str = "float64", snapshot_every: int = 1):
     """Run setting ``name`` (:data:`SETTINGS`); float32 runs with x64 off, as training does."""
     spec = SETTINGS[name]
-    with _x64(dtype == "float64"):
+    with x64(dtype == "float64"):
         src = _loss_and_params(spec, dtype, seed)
         tx, sw, sg = _tx(spec["source"], dtype, spec["lr_w"], spec["lr_g"], spec.get("schedule", "constant"),
                          spec.get("weight_decay", 0.0), spec.get("momentum"), spec.get("project", False))
@@ -323,7 +249,8 @@ def _c4_record(name, steps, seed, dtype, control=None):
         details["breaks"] = control
     if name == "multi/gd" or (control and dtype == "float64"):
         details["curves"] = {
-            f"|residual| per step ({name}, {group})": _curve(res[group], "step", "|residual| / ||w_{t+1}||^2", True),
+            f"|residual| per step ({name}, {group})": curve(None, magnitude(res[group]), "step",
+                                                            "|residual| / ||w_{t+1}||^2", logy=True),
         }
     return Evidence("C4", _setting_line(name, steps, seed, dtype), abs(value), 0.0, "==", tol, dtype, bn,
                     negative_control=bool(control), details=details)
@@ -384,7 +311,7 @@ def check_c4(settings: dict) -> list[Evidence]:
     """
     steps = settings["steps"]
     out = []
-    with _x64():
+    with x64():
         for seed in settings["seeds"]:
             for name in settings["settings"]:
                 out.append(_c4_record(name, steps, seed, "float64"))
@@ -417,7 +344,7 @@ def _c5_records(name, steps, seed, dtype, control=None):
     if control:
         details["breaks"] = control
     if not control and name in ("multi/gd", "bn_logistic/sgd-const"):
-        details["curves"] = {f"||w_t||^2 ({name}, {g})": _curve(tr.w_sq[g], "step", "||w_t||^2", True)
+        details["curves"] = {f"||w_t||^2 ({name}, {g})": curve(None, tr.w_sq[g], "step", "||w_t||^2", logy=True)
                              for g in tr.groups}
     recs = [Evidence("C5", setting + ": min relative change of ||w||^2 per step", v, 0.0, ">=", tol, dtype, bn,
                      negative_control=bool(control), details=details)]
@@ -433,7 +360,8 @@ def _c5_records(name, steps, seed, dtype, control=None):
     v, tol, group, step = _worst_ratio(de, tols_e, sign=+1)
     details = {"group": group, "step": step, "tolerance_formula": "3 gamma_n + 8u"}
     if name in ("multi/gd", "bn_logistic/sgd-const"):
-        details["curves"] = {f"effective lr ({name}, {g})": _curve(tr.effective_lr[g], "step", "lr_w / ||w_t||^2", True)
+        details["curves"] = {f"effective lr ({name}, {g})": curve(None, tr.effective_lr[g], "step",
+                                                                  "lr_w / ||w_t||^2", logy=True)
                              for g in tr.groups}
     recs.append(Evidence("C5", setting + ": max relative change of lr_w/||w||^2 per step", v, 0.0, "<=", tol, dtype,
                          bn, details=details))
@@ -457,7 +385,7 @@ def check_c5(settings: dict) -> list[Evidence]:
     effective lr (bound 0, ``<=``); float32 rounding dips are covered by the float32 tolerance."""
     steps = settings["steps"]
     out = []
-    with _x64():
+    with x64():
         for seed in settings["seeds"]:
             for name in settings["settings"]:
                 out += _c5_records(name, steps, seed, "float64")
@@ -549,7 +477,7 @@ def check_c6(settings: dict) -> list[Evidence]:
     independently, by differentiating the loss at ``V_t`` (SGD: with the step's own sample)."""
     steps = settings["steps"]
     out = []
-    with _x64():
+    with x64():
         runs = [(n, s, None) for s in settings["seeds"] for n in settings["settings"]] + \
                [(n, 0, b) for n, b in C6_CONTROLS.items()]
         for name, seed, control in runs:
@@ -566,9 +494,10 @@ def check_c6(settings: dict) -> list[Evidence]:
             if name in ("multi/gd",) or control:
                 g = group
                 details["curves"] = {
-                    f"WNGrad b_t ({name}, {g})": _curve(tr.w_sq[g] / tr.lr_w, "step", "b_t = ||w_t||^2 / lr_w", True),
-                    f"|WNGrad residual| ({name}, {g})": _curve(res[g], "step",
-                                                               "|b_{t+1} - b_t - a_t^2/b_t| / b_{t+1}", True),
+                    f"WNGrad b_t ({name}, {g})": curve(None, tr.w_sq[g] / tr.lr_w, "step", "b_t = ||w_t||^2 / lr_w",
+                                                       logy=True),
+                    f"|WNGrad residual| ({name}, {g})": curve(None, magnitude(res[g]), "step",
+                                                              "|b_{t+1} - b_t - a_t^2/b_t| / b_{t+1}", logy=True),
                 }
             out.append(Evidence("C6", _setting_line(name, steps, seed, "float64"), abs(v), 0.0, "==", tol, "float64",
                                 bn, negative_control=bool(control), details=details))
@@ -602,7 +531,7 @@ def check_c7(settings: dict) -> list[Evidence]:
     """
     steps = settings["steps"]
     out = []
-    with _x64():
+    with x64():
         runs = [(n, s, None) for s in settings["seeds"] for n in settings["settings"]] + \
                [(n, 0, b) for n, b in C7_CONTROLS.items()]
         for name, seed, control in runs:
@@ -614,7 +543,8 @@ def check_c7(settings: dict) -> list[Evidence]:
                 details["breaks"] = control
             if name == "multi/gd" or control:
                 details["curves"] = {f"direction error ({name}, {group})":
-                                     _curve(err[group], "step", "||w_{t+1}/||w_{t+1}|| - retraction||", True)}
+                                     curve(None, magnitude(err[group]), "step",
+                                           "||w_{t+1}/||w_{t+1}|| - retraction||", logy=True)}
             out.append(Evidence("C7", _setting_line(name, steps, seed, "float64"), v, 0.0, "==", tol, "float64", bn,
                                 negative_control=bool(control), details=details))
     return out
@@ -690,7 +620,7 @@ def check_c8(settings: dict) -> list[Evidence]:
     """
     steps, name = settings["steps"], settings["name"]
     out = []
-    with _x64():
+    with x64():
         base, labels, bn, p0 = _trajectory(name, steps, 0, "float64")
         sizes = _group_sizes(p0, labels)
         n, N = max(sizes.values()), sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(p0))
@@ -713,7 +643,8 @@ def check_c8(settings: dict) -> list[Evidence]:
                 details["breaks"] = control
             if c == settings["cs"][0] or control:
                 details["curves"] = {f"distance of the two runs (c={c:g}, lr power {power})":
-                                     _curve(worst, "step", "max(direction, g, loss) distance", True)}
+                                     curve(None, magnitude(worst), "step", "max(direction, g, loss) distance",
+                                           logy=True)}
             lr_desc = f"{c:g}^{power} lr_w"
             out.append(Evidence("C8", f"{name}: {_problem(SETTINGS[name]['source']).name}, (lr_w, w0) vs "
                                       f"({lr_desc}, {c:g} w0), first {steps} steps, float64",
@@ -806,7 +737,7 @@ def check_c13(settings: dict) -> list[Evidence]:
     last chunk; the tolerance is that drift plus ``gamma_n |lambda|``, converted to the measured quantity.
     """
     out = []
-    with _x64():
+    with x64():
         runs = [(n, None) for n in settings["settings"]] + \
                [("sphere/gd+projected", "auto-tuning (projected: fixed effective lr lr_w/||w_0||^2 = 11.1)")]
         for name, control in runs:
@@ -846,7 +777,7 @@ def check_c13(settings: dict) -> list[Evidence]:
             if name == "sphere/gd" or control:
                 g = tr.groups[0]
                 details["curves"] = {f"effective lr, last chunk ({name})":
-                                     _curve(tr.effective_lr[g], "step in last chunk", "lr_w/||w_t||^2", True)}
+                                     curve(None, tr.effective_lr[g], "step in last chunk", "lr_w/||w_t||^2", logy=True)}
             out.append(Evidence("C13", _setting_line(name, steps, 0, "float64") + f": {what}", measured, bound, "<=",
                                 tol, "float64", bn, negative_control=bool(control), details=details))
     return out
@@ -930,7 +861,7 @@ def check_i3(settings: dict) -> list[Evidence]:
     steps = settings["steps"]
     name = "multi/gd"
     out = []
-    with _x64():
+    with x64():
         spec = SETTINGS[name]
         prob = _problem(spec["source"])
         labels = prob.labels
@@ -975,7 +906,8 @@ def check_i3(settings: dict) -> list[Evidence]:
                     details["breaks"] = control
                 if scale == settings["scales"][0]:
                     details["curves"] = {f"I3 (LHS - RHS) / scale (||w0||={scale:g}, constants x{factor:g})":
-                                         _curve(viol, "step", "(L_{t+1} - RHS_t) / scale_t  (> 0: violated)", False)}
+                                         curve(None, viol, "step", "(L_{t+1} - RHS_t) / scale_t  (> 0: violated)",
+                                               logy=False)}
                 out.append(Evidence(
                     "I3", f"{name}: {prob.name}, GD lr_w=1 lr_g={spec['lr_g']:g}, ||w0||={scale:g} "
                           f"(rho_0={1 / scale**2:g}), {steps} steps, constants x{factor:g}, float64",

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proofs_check.checks.dynamics import _x64, gamma, unit_roundoff
-from proofs_check.checks.sgd import multi_curve
 from proofs_check.claims import claim
+from proofs_check.curves import curve
 from proofs_check.evidence import Evidence
+from proofs_check.numerics import gamma, unit_roundoff, x64
 from rate_tuning import data, models, sweep
 from rate_tuning import groups as G
 
@@ -105,33 +105,6 @@ def kernel_labels(model) -> dict:
     return jax.tree_util.tree_map_with_path(relabel, model.labels("layer"), is_leaf=G.is_label)
 
 
-def table_batch_fn(x: np.ndarray, y: np.ndarray, batch: int, seeds: tuple, steps: int):
-    """A pure ``batch_fn(seed, t)`` over precomputed epoch orders: step ``t`` is batch ``t mod nb`` of epoch
-    ``t // nb`` in the order :func:`rate_tuning.data.epoch_permutation` ``(n, seed, epoch)`` (the order of
-    :func:`rate_tuning.data.batches`, i.e. of the training loop), the last incomplete batch dropped.
-
-    The orders of every ``seed`` in ``seeds`` and every epoch up to step ``steps`` are a constant index
-    table (``len(seeds) x epochs x n`` int32), so a step costs one gather;
-    :func:`rate_tuning.sweep.minibatch_fn` draws a permutation (a sort of ``n`` keys) at every step, which
-    costs five times the model's own step here. ``seed`` must be one of ``seeds``.
-    """
-    n = len(x)
-    nb = data.steps_per_epoch(n, batch)
-    epochs = -(-(steps + 1) // nb)  # the final loss of the sweep evaluates batch_fn(seed, steps)
-    rows = {int(s): i for i, s in enumerate(seeds)}
-    table = np.stack([np.stack([data.epoch_permutation(n, int(s), e)[: nb * batch] for e in range(epochs)])
-                      for s in seeds]).astype(np.int32).reshape(len(seeds), epochs * nb, batch)
-    xs, ys, tab = jnp.asarray(x), jnp.asarray(y), jnp.asarray(table)
-    seed_of_row = jnp.asarray(sorted(rows, key=rows.get), jnp.int32)
-
-    def batch_fn(seed, t):
-        row = jnp.argmax(seed_of_row == seed)
-        idx = tab[row, t]
-        return jnp.take(xs, idx, axis=0), jnp.take(ys, idx, axis=0)
-
-    return batch_fn
-
-
 @functools.lru_cache(maxsize=None)
 def bn_mlp(preset: str, dataset: str, n: int, pool: int, width: int, batch: int, seeds: tuple, steps: int):
     """The MLP ``d -> width -> 10`` on the data: a namespace with ``loss_fn``, ``init_fn``, ``labels``,
@@ -139,6 +112,7 @@ def bn_mlp(preset: str, dataset: str, n: int, pool: int, width: int, batch: int,
 
     ``init_fn(key)``: kernels ``N(0, 1/fan_in)`` (LeCun-normal, as flax's default up to truncation), BN
     ``gamma = 1``, ``beta = 0``, biases 0; drawn with ``jax.random`` (compiling flax's init costs seconds).
+    ``batch_fn``: :func:`rate_tuning.sweep.minibatch_fn`, the training loop's batch order for ``seeds``.
     ``train_loss(stacked_params)``: the training loss of every run (leading axis), see the module docstring.
     """
     x, y, desc = load_data(dataset, n, pool)
@@ -178,8 +152,8 @@ def bn_mlp(preset: str, dataset: str, n: int, pool: int, width: int, batch: int,
     bn = "exact (epsilon=0), train mode" if preset != "no_bn" else "none"
     mdesc = f"MLP {x.shape[1]}-{width}-10 ({preset} preset, BN {bn})"
     return types.SimpleNamespace(loss_fn=prob.loss_fn, init_fn=init_fn, labels=labels,
-                                 batch_fn=table_batch_fn(x, y, batch, seeds, steps), train_loss=train_loss,
-                                 batches_per_epoch=nb, n=len(x), dataset=desc, model=mdesc)
+                                 batch_fn=sweep.minibatch_fn(x, y, batch, seeds=seeds, steps=steps),
+                                 train_loss=train_loss, batches_per_epoch=nb, n=len(x), dataset=desc, model=mdesc)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +167,7 @@ def mlp_sweep(preset: str, project: bool, dataset: str, n: int, pool: int, width
     ``strategy`` (as run). Float32, with x64 off, as users train.
     """
     g = sweep.grid(lr_w=lr_w, lr_g=[lr_g], seeds=list(seeds))
-    with _x64(False):
+    with x64(False):
         m = bn_mlp(preset, dataset, n, pool, width, batch, seeds, steps)
         res = sweep.run_sweep(m.loss_fn, m.init_fn, m.labels, lr_w=g.lr_w, lr_g=g.lr_g, seeds=g.seeds, steps=steps,
                               project=project, batch_fn=m.batch_fn, record_every=1, return_params=True,
@@ -230,7 +204,7 @@ def _ratio_curve(runs: dict[str, dict], lrs) -> dict:
     """Final / initial training loss (worst seed) against lr_w, one series per run set (NaN where diverged)."""
     series = {name: np.where(np.isfinite(run["ratio"].max(axis=1)), run["ratio"].max(axis=1), np.nan)
               for name, run in runs.items()}
-    return multi_curve(np.asarray(lrs), series, "lr_w", "final / initial training loss (worst seed; "
+    return curve(np.asarray(lrs), series, "lr_w", "final / initial training loss (worst seed; "
                        "diverged runs not drawn)", logy=True, logx=True)
 
 
@@ -240,7 +214,7 @@ def _epoch_curve(run: dict, lrs) -> dict:
     ep = run["epoch_loss"].mean(axis=1)
     series = {f"lr_w={lr:g}": np.where(np.isfinite(ep[i]), ep[i], np.nan) for i, lr in enumerate(lrs)
               if np.isfinite(ep[i]).any()}
-    return multi_curve(np.arange(1, ep.shape[1] + 1), series, "epoch", "mean mini-batch training loss",
+    return curve(np.arange(1, ep.shape[1] + 1), series, "epoch", "mean mini-batch training loss",
                        logy=True)
 
 

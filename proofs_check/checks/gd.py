@@ -41,9 +41,10 @@ import optax
 
 from proofs_check import problems
 from proofs_check import trajectories as traj
-from proofs_check.checks.dynamics import _x64, gamma, numpy_init, unit_roundoff
 from proofs_check.claims import claim
+from proofs_check.curves import curve
 from proofs_check.evidence import Evidence
+from proofs_check.numerics import gamma, numpy_init, unit_roundoff, x64
 from rate_tuning import groups as G
 from rate_tuning import metrics as M
 from rate_tuning import optim
@@ -317,27 +318,6 @@ def _t975(dof: int) -> float:
 
 
 # -------------------------------------------------------------------------------------------------------
-# curves (report convention: {name: {x, y, xlabel, ylabel, logy[, logx]}}, y may be {label: [...]})
-# -------------------------------------------------------------------------------------------------------
-
-
-def _pick(n: int, max_points: int, logx: bool) -> np.ndarray:
-    if n <= max_points:
-        return np.arange(n)
-    if logx:
-        return np.unique(np.round(np.geomspace(1, n, max_points)).astype(int) - 1)
-    return np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
-
-
-def _curve(x, ys, xlabel: str, ylabel: str, logy: bool = True, logx: bool = False, max_points: int = 400) -> dict:
-    x = np.asarray(x, np.float64)
-    idx = _pick(len(x), max_points, logx)
-    clean = lambda y: np.asarray(y, np.float64)[idx].tolist()  # noqa: E731  (NaN/inf: the report leaves them out)
-    y = {str(k): clean(v) for k, v in ys.items()} if isinstance(ys, dict) else clean(ys)
-    return {"x": x[idx].tolist(), "y": y, "xlabel": xlabel, "ylabel": ylabel, "logy": bool(logy), "logx": bool(logx)}
-
-
-# -------------------------------------------------------------------------------------------------------
 # problems and programs
 # -------------------------------------------------------------------------------------------------------
 
@@ -551,7 +531,7 @@ def _multi_program(name: str) -> _Program:
     cfg = PROGRAMS[name]
     prob = _problem("multi")
     L_gg = prob.constants["L_gg"]
-    with _x64():
+    with x64():
         p0 = numpy_init(prob, 0, cfg["r0"], "float64")
         labels = prob.labels
         groups = tuple(G.si_groups(p0, labels))
@@ -608,7 +588,7 @@ def _sphere_program(name: str) -> dict:
     cfg = PROGRAMS[name]
     sc = cfg["sphere"]
     prob = _problem("sphere")
-    with _x64():
+    with x64():
         p0 = numpy_init(prob, 0, sc["r0"], "float64")
         p0j = jax.tree_util.tree_map(jnp.asarray, p0)
         sw = _sweep(("sphere", name), lambda: S.make_sweep(prob.loss, lambda key: p0j, prob.labels, steps=sc["steps"],
@@ -651,7 +631,7 @@ def _tight_program(name: str) -> dict:
     prob = _problem("log_rayleigh")
     init, c = _tight_init(prob)
     lr_w = cfg["rho0"]  # r_0 = 1
-    with _x64():
+    with x64():
         sw = _sweep(("tight", name), lambda: S.make_sweep(prob.loss, init, prob.labels, steps=cfg["steps"],
                                                          record_every=1, strategy="vmap", return_params=False))
         seeds = np.arange(cfg["seeds"])
@@ -681,7 +661,7 @@ def _sgd_program(name: str) -> dict:
     prob = _problem("multi")
     lr_g = _lr_g(cfg["c_g"], prob.constants["L_gg"])
     runs = []
-    with _x64():
+    with x64():
         p0 = jax.tree_util.tree_map(jnp.asarray, numpy_init(prob, 0, cfg["r0"], "float64"))
         full_loss = jax.jit(prob.loss)
         for lw in sc["lr_w"]:
@@ -731,7 +711,7 @@ def check_c9(settings: dict) -> list[Evidence]:
     (``gamma_n`` relative): ``(3 gamma_n m_T + gamma_n C / T)``. The plain target is a chosen number: tolerance 0.
     """
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
         sph = _sphere_program(settings["program"])
     curves_multi = {}
@@ -751,7 +731,8 @@ def check_c9(settings: dict) -> list[Evidence]:
         out.append(Evidence("C9", setting + f": min_t ||grad L(V_t;g_t)||^2 vs eps = {settings_eps(P)}", m_T, P.eps,
                             "<=", 0.0, "float64", "none", details={"eps_rel": PROGRAMS[P.name]["eps_rel"]}))
     out[0].details["curves"] = {"running min of ||grad L(V_t;g_t)||^2, multi_group (with C/T)":
-                                _curve(P.rec_T, curves_multi, "T", "min_{t<T} ||grad L(V_t; g_t)||^2", True, True)}
+                                curve(P.rec_T, curves_multi, "T", "min_{t<T} ||grad L(V_t; g_t)||^2", logy=True,
+                                      logx=True)}
     curves_sph = {}
     for i, lw in enumerate(sph["lr_w"]):
         k, m_T = sph["consts"][i], float(sph["m"][i, -1])
@@ -769,8 +750,8 @@ def check_c9(settings: dict) -> list[Evidence]:
         out.append(Evidence("C9", setting + f": min_t ||grad L(V_t)||^2 vs eps = {sph['eps']:.3g}", m_T, sph["eps"],
                             "<=", 0.0, "float64", "none", details={"gn0": sph["gn0"]}))
     rec_T = np.arange(1, sph["m"].shape[1] + 1) * sph["every"]
-    out[-1].details["curves"] = {"running min, sphere_function": _curve(rec_T, curves_sph, "T",
-                                                                        "min_{t<T} ||grad L(V_t)||^2", True, True)}
+    out[-1].details["curves"] = {"running min, sphere_function": curve(
+        rec_T, curves_sph, "T", "min_{t<T} ||grad L(V_t)||^2", logy=True, logx=True)}
     # negative controls
     for run, breaks in ((P.select("c15", lr_w=1.0, c_g=1.1), "lr_g < 2/L_gg (c_g = 1.1: the g-part diverges)"),
                         (P.select("projected", lr_w=1e4), "auto-tuning (projected optimizer: effective lr fixed at "
@@ -780,8 +761,9 @@ def check_c9(settings: dict) -> list[Evidence]:
         out.append(Evidence("C9", f"multi: {P.describe()}, {run.setting}: min_t ||grad L(V_t;g_t)||^2 vs eps = "
                                   f"{settings_eps(P)}", m_T, P.eps, "<=", 0.0, "float64", "none", negative_control=True,
                             details={"breaks": breaks, "last_recorded_gn": float(run.recs["gn"][-1]),
-                                     "curves": {f"running min ({run.setting})": _curve(
-                                         P.rec_T, run.recs["m"], "T", "min_{t<T} ||grad L||^2", True, True)}}))
+                                     "curves": {f"running min ({run.setting})": curve(
+                                         P.rec_T, run.recs["m"], "T", "min_{t<T} ||grad L||^2", logy=True,
+                                         logx=True)}}))
     return out
 
 
@@ -824,7 +806,7 @@ def check_c10(settings: dict) -> list[Evidence]:
     The controls' slopes get their OLS 95% CI (t quantile, one run each).
     """
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
         tight = _tight_program(settings["program"])
     grid = _log_grid(P.rec_T)
@@ -848,8 +830,8 @@ def check_c10(settings: dict) -> list[Evidence]:
                                f"(worst lr_w = {runs_main[worst].lr_w:.3g})", max(ratios), 1.0, "<=",
                         _gn_roundoff(runs_main[worst].bounds), "float64", "none",
                         details={"ratios": dict(zip([f"{r.lr_w:.3g}" for r in runs_main], ratios)),
-                                 "curves": {"T min_t<T ||grad||^2, multi_group": _curve(P.rec_T, curves, "T",
-                                                                                        "T m_T", True, True)}}))
+                                 "curves": {"T min_t<T ||grad||^2, multi_group": curve(
+                                     P.rec_T, curves, "T", "T m_T", logy=True, logx=True)}}))
     # the tight problem
     cfg = tight["cfg"]
     T = np.arange(1, cfg["steps"] + 1)
@@ -877,9 +859,9 @@ def check_c10(settings: dict) -> list[Evidence]:
         "none", details={"ci95_bootstrap_over_seeds": ci, "slopes": slopes.tolist(),
                          "model_slope_mean": float(model_slopes.mean()), "model_bias": bias,
                          "tolerance_formula": "bootstrap 95% CI half-width + |model slope + 1|",
-                         "curves": {"running min vs T, tight problem (mean over seeds)": _curve(
+                         "curves": {"running min vs T, tight problem (mean over seeds)": curve(
                              T, {"measured": m.mean(0), "linear model": model.mean(0), "C/T (mean C)": C_mean / T},
-                             "T", "min_{t<T} ||grad L(V_t)||^2", True, True)}}))
+                             "T", "min_{t<T} ||grad L(V_t)||^2", logy=True, logx=True)}}))
     # controls: slope ~ 0
     window = (P.every, 100 * P.every)
     for run, breaks in ((P.select("c15", lr_w=1.0, c_g=1.1)[0], "lr_g < 2/L_gg (c_g = 1.1)"),
@@ -892,8 +874,9 @@ def check_c10(settings: dict) -> list[Evidence]:
                             negative_control=True,
                             details={"breaks": breaks, "ols_se": se, "points": n,
                                      "tolerance_formula": "OLS 95% CI half-width (t quantile)",
-                                     "curves": {f"running min ({run.setting})": _curve(
-                                         P.rec_T, run.recs["m"], "T", "min_{t<T} ||grad L||^2", True, True)}}))
+                                     "curves": {f"running min ({run.setting})": curve(
+                                         P.rec_T, run.recs["m"], "T", "min_{t<T} ||grad L||^2", logy=True,
+                                         logx=True)}}))
     return out
 
 
@@ -935,7 +918,7 @@ def check_c11(settings: dict) -> list[Evidence]:
       unit sensitivity of the hitting time (an assumption, as in C8: first-order errors are not amplified).
     """
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
     a0_sq = np.asarray(P.runs[0].recs["a2"][0], np.float64)  # a_{i,0}^2 (every run starts at p0)
     main = P.select("main")
@@ -981,10 +964,10 @@ def check_c11(settings: dict) -> list[Evidence]:
                          slope, 1.0, "==", slope_tolerance(x, e), "float64", "none", negative_control=True,
                          details={"breaks": "auto-tuning (projection keeps lr_w/||w||^2 = lr_w/||w_0||^2 fixed)",
                                   "steps": Np.tolist(), "lr_w": lp.tolist(), "censored": (Np >= P.steps).tolist()}))
-    recs[0].details["curves"] = {"steps to eps vs lr_w (U shape)": _curve(
+    recs[0].details["curves"] = {"steps to eps vs lr_w (U shape)": curve(
         lr, {"GD (auto-tuned)": N, "projected (censored at T)": np.interp(np.log(lr), np.log(lp), Np, left=np.nan,
                                                                          right=np.nan)},
-        "lr_w", f"steps to ||grad L(V_t;g_t)||^2 <= {P.eps_c11:.3g}", True, True)}
+        "lr_w", f"steps to ||grad L(V_t;g_t)||^2 <= {P.eps_c11:.3g}", logy=True, logx=True)}
     out += recs
     return out
 
@@ -1017,7 +1000,7 @@ def check_c12(settings: dict) -> list[Evidence]:
     ``2 gamma_n M_abs``, divided by ``kappa b_T``. Of the second: ``gamma_d + 4 u T``.
     """
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
         sgd = _sgd_program(settings["program"])
     half = P.steps // (2 * P.every)
@@ -1077,8 +1060,8 @@ def check_c12(settings: dict) -> list[Evidence]:
                             details={"breaks": "no gradient noise (SGD, constant lr_w: ||w||^4 grows like T, C17)",
                                      "ws_T": ws_T.tolist(), "ws_T/2": ws_h.tolist(),
                                      "sqrt(T) prediction of the relative growth": 1 - 1 / math.sqrt(2)}))
-    out[0].details["curves"] = {"sum_i ||w_i,t||^2 / sum_i ||w_i,0||^2 (plateau)": _curve(
-        np.maximum(P.rec_t, 1), curves, "t", "||W_t||^2 / ||W_0||^2", True, True)}
+    out[0].details["curves"] = {"sum_i ||w_i,t||^2 / sum_i ||w_i,0||^2 (plateau)": curve(
+        np.maximum(P.rec_t, 1), curves, "t", "||W_t||^2 / ||W_0||^2", logy=True, logx=True)}
     return out
 
 
@@ -1108,7 +1091,7 @@ def check_c14(settings: dict) -> list[Evidence]:
     computed right-hand side).
     """
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
     main = P.select("main")
     for run in main:
@@ -1156,8 +1139,8 @@ def check_c14(settings: dict) -> list[Evidence]:
     for run in main:
         if abs(np.log10(run.lr_w) % 2) < 1e-9:
             curves[f"lr_w={run.lr_w:g}"] = run.recs["L"] - P.runs[0].bounds.L_min
-    out[0].details["curves"] = {"L_t - L_min bound (multi_group)": _curve(np.maximum(P.rec_t, 1), curves, "t",
-                                                                          "L_t - L_min", True, True)}
+    out[0].details["curves"] = {"L_t - L_min bound (multi_group)": curve(np.maximum(P.rec_t, 1), curves, "t",
+                                                                          "L_t - L_min", logy=True, logx=True)}
     for cg in (1.1, 1.5):
         for run in P.select("c15", c_g=cg):
             out.append(Evidence("C14", f"multi: {P.describe()}, {run.setting}: steps after ||w_i||^2 >= lr_w B* (B* of "
@@ -1187,7 +1170,7 @@ def check_c15(settings: dict) -> list[Evidence]:
     """``m_T`` against ``eps`` for every ``(lr_w, c_g)``: ``c_g < 1`` are claim records, ``c_g > 1`` negative
     controls (the theorem's own). The ``c_g = 0.5`` runs are those of C9. Tolerance 0 (a chosen target)."""
     out = []
-    with _x64():
+    with x64():
         P = _multi_program(settings["program"])
     cfg = PROGRAMS[P.name]
     c_gs = sorted(set(cfg["c15_c_g"]) | {cfg["c_g"]})
@@ -1205,7 +1188,7 @@ def check_c15(settings: dict) -> list[Evidence]:
             out.append(Evidence("C15", f"multi: {P.describe()}, {run.setting}: min_t ||grad L(V_t;g_t)||^2 vs eps = "
                                        f"{settings_eps(P)}", m_T, P.eps, "<=", 0.0, "float64", "none",
                                 negative_control=cg > 1, details=details))
-    out[0].details["curves"] = {"min_t ||grad||^2 vs c_g = lr_g L_gg / 2": _curve(
+    out[0].details["curves"] = {"min_t ||grad||^2 vs c_g = lr_g L_gg / 2": curve(
         np.array(c_gs), {k: [v[c] for c in c_gs] for k, v in table.items()}, "c_g", "min_t<T ||grad L(V_t;g_t)||^2",
-        True, False)}
+        logy=True)}
     return out

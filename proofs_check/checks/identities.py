@@ -14,7 +14,7 @@ of the appendix, and the App. D parameter grouping. For a scale-invariant (SI) g
   BN's are not, nor the inner ones once softplus replaces ReLU;
 * C21 each output channel of a kernel feeding BN is its own SI group.
 
-Every check enables float64 at its entry (``jax.enable_x64(True)``) and measures on the synthetic problems
+Every check enables float64 at its entry (:func:`proofs_check.numerics.x64`) and measures on the synthetic problems
 of :mod:`proofs_check.problems` and on real BN networks from :mod:`rate_tuning.models` evaluated on a
 fixed batch of scikit-learn digits images (train-mode BN, batch statistics), at a generic point: kernels
 ``N(0, 1/fan_in)``, BN ``gamma = 1 + 0.2 N(0, 1)``, ``beta = 0.2 N(0, 1)``.
@@ -50,15 +50,17 @@ import optax
 from proofs_check import curvature
 from proofs_check import problems as P
 from proofs_check.claims import claim
+from proofs_check.curves import curve
 from proofs_check.evidence import Evidence
+from proofs_check.numerics import fan_in_normal, numpy_init, unit_roundoff, x64
 from rate_tuning import data as D
 from rate_tuning import groups as G
 from rate_tuning import layers as BN
 from rate_tuning import models as M
 from rate_tuning import optim
 
-EPS = float(np.finfo(np.float64).eps)
 DTYPE = "float64"
+EPS = 2.0 * unit_roundoff(DTYPE)
 
 # Small graphs, a few calls each: XLA's optimising backend costs far more compile time (1-4 s per function
 # on 2 CPU cores) than it saves at run time here. Numerics stay IEEE float64.
@@ -328,10 +330,7 @@ def _init_variables(model, x, labels, seed: int, eval_stats: bool):
         name, shape = G.path_str(path), tuple(leaf.shape)
         last = name.rsplit("/", 1)[-1]
         if last == "kernel":
-            w = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))
-            if kinds[name].kind == G.FROZEN:
-                w = model.classifier_norm * w / np.linalg.norm(w, axis=0, keepdims=True)
-            return w
+            return fan_in_normal(rng, shape, model.classifier_norm if kinds[name].kind == G.FROZEN else None)
         if last == "scale":
             return 1.0 + 0.2 * rng.standard_normal(shape)
         return 0.2 * rng.standard_normal(shape)
@@ -492,15 +491,10 @@ def _problem_fn(name: str, kind: str):
 
 def _points(name: str, settings):
     """Generic points of a problem: ``synthetic_points`` random directions for each SI-group norm in
-    ``synthetic_scales``; scale-variant leaves ``N(0, 1)``."""
-    pb = _problem(name)
-    out = []
-    for s in range(int(settings["synthetic_points"])):
-        base = _random_like(pb.template, 100 + s)
-        sq = _group_dot(base, base, pb.prob.labels)
-        for scale in settings["synthetic_scales"]:
-            out.append(_scale(base, pb.prob.labels, {g: scale / np.sqrt(v) for g, v in sq.items()}))
-    return out
+    ``synthetic_scales``; scale-variant leaves ``N(0, 1)`` (:func:`proofs_check.numerics.numpy_init`)."""
+    prob = _problem(name).prob
+    return [numpy_init(prob, 100 + s, scale, DTYPE) for s in range(int(settings["synthetic_points"]))
+            for scale in settings["synthetic_scales"]]
 
 
 def _problem_grad_fn(name: str):
@@ -576,7 +570,7 @@ def check_c1(settings: dict) -> list[Evidence]:
     for the stochastic gradient). Nets: every preset and grouping of the settings, on a fixed digits batch.
     Tolerance ``eps N``, ``N`` the round-off budget of the gradient (:func:`op_count`).
     """
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         for name in list(_SYNTHETIC) + list(_CONTROLS):
             pb = _problem(name)
@@ -660,7 +654,7 @@ def check_c2(settings: dict) -> list[Evidence]:
     """Relative error of ``c grad_{w^(i)} L(c w)`` against ``grad_{w^(i)} L(w)`` per block, every SI group
     scaled by the same ``c`` (the loss is then unchanged, so the other blocks' gradients must be unchanged
     too), worst over ``c_values``, blocks and points. Tolerance ``2 eps N`` (two gradients)."""
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         cs = tuple(float(c) for c in settings["c_values"])
         for name in ["rayleigh_quotient", "sphere_function", "bn_linear_regression", "bn_logistic_regression",
@@ -787,7 +781,7 @@ def check_c3(settings: dict) -> list[Evidence]:
     differentiation for the nets. Tolerances: ``2 eps N_hvp`` for the scalings (two HVPs),
     ``eps (N_hvp + N_grad) kappa`` for Euler (``kappa``: its condition factor, see :func:`_c3_measure`),
     ``eps (N_hvp + N_other)`` for the independent comparison."""
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         cs = tuple(float(c) for c in settings["c_values"])
         for name in ["rayleigh_quotient", "sphere_function", "bn_logistic_regression", "multi_group",
@@ -920,7 +914,7 @@ def check_c19(settings: dict) -> list[Evidence]:
     ``N(0, 1/64)``), and whole networks (logits, every kernel scaled by ``c``): max absolute output change
     over ``c``. Tolerance ``2 eps N max(1, max|output|)`` (two forward passes; absolute errors of outputs of
     size up to ``max|output|``)."""
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         cs = tuple(float(c) for c in settings["c_values"])
         for seed in settings["seeds"]:
@@ -934,10 +928,10 @@ def check_c19(settings: dict) -> list[Evidence]:
                 per_c, n_ops, size = layer[variant]
                 extra = {}
                 if variant == "smooth" and seed == settings["seeds"][0]:  # one plot, every variant (0 at 1e-18)
-                    extra["curves"] = {"layer_output_change": {
-                        "x": list(cs), "y": {v: [max(layer[v][0][f"{c:g}"], 1e-18) for c in cs] for v in layer},
-                        "xlabel": "c", "ylabel": "max |BN(x cw) - BN(x w)|", "logy": True, "logx": True,
-                        "title": "C19: one BN layer, output change under w -> c w"}}
+                    extra["curves"] = {"layer_output_change": dict(curve(
+                        cs, {v: [max(layer[v][0][f"{c:g}"], 1e-18) for c in cs] for v in layer}, "c",
+                        "max |BN(x cw) - BN(x w)|", logy=True, logx=True),
+                        title="C19: one BN layer, output change under w -> c w")}
                 setting = f"one BN layer on digits x (B={x.shape[0]}, 64 -> {w.shape[1]}), c in {cs}, {what}"
                 ev.append(_ev("C19", setting, _worst(per_c.values()), 2 * EPS * n_ops * max(1.0, size),
                               bn=variant,
@@ -1007,7 +1001,7 @@ def check_c20(settings: dict) -> list[Evidence]:
     """Loss change under ``(gamma, beta) -> c (gamma, beta)`` for each inner-BN group of the ``paper``
     preset (its SI groups of non-kernel leaves), and each group's cosine with its gradient. Tolerances:
     ``2 eps N`` for the relative loss change (two forward passes), ``eps N`` for the cosine."""
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         cs = tuple(float(c) for c in settings["c_values"])
         for arch, kw in _nets(settings):
@@ -1131,7 +1125,7 @@ def check_c21(settings: dict) -> list[Evidence]:
     ``eps (n + 2) + eps N``, ``n`` the largest channel size: three squared norms of length ``<= n`` each
     within ``gamma_n`` of their sum, plus the true term ``2 lr <w, g> <= tol_cos (||w||^2 + lr^2 ||g||^2)``.
     """
-    with jax.enable_x64(True):
+    with x64():
         ev: list[Evidence] = []
         span = float(settings["span"])
         for arch, kw in _nets(settings):

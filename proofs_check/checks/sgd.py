@@ -47,9 +47,10 @@ import jax
 import numpy as np
 
 from proofs_check import problems
-from proofs_check.checks.dynamics import _x64, gamma, tol_norm_identity, unit_roundoff
 from proofs_check.claims import claim
+from proofs_check.curves import curve
 from proofs_check.evidence import Evidence
+from proofs_check.numerics import gamma, in_x64, tol_norm_identity, unit_roundoff, x64
 from rate_tuning import sweep
 
 STREAM = 0x53474421
@@ -104,7 +105,7 @@ def toy_sweep(problem: str, *, sgd: bool, schedule: str, lr_w: tuple, lr_g: floa
 @functools.lru_cache(maxsize=None)
 def _toy_sweep(problem, sgd, schedule, lr_w, lr_g, seeds, steps, record_every, project, full_loss):
     prob = _problem(problem)
-    with _x64():
+    with x64():
         loss_fn = (lambda p, key: prob.stochastic_loss(p, key)) if sgd else prob.loss
         g = sweep.grid(lr_w=lr_w, lr_g=[lr_g], seeds=list(range(seeds)))
         return sweep.run_sweep(loss_fn, lambda key: prob.init(key, 1.0), prob.labels, lr_w=g.lr_w, lr_g=g.lr_g,
@@ -130,16 +131,6 @@ def harmonic(T: np.ndarray) -> np.ndarray:
     T = np.asarray(T)
     cums = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(T.max()) + 1))])
     return cums[T]
-
-
-def multi_curve(x, series: dict, xlabel: str, ylabel: str, *, logy: bool, logx: bool = False,
-                max_points: int = 400) -> dict:
-    """A report curve with several named series sharing ``x`` (``y`` a dict, :mod:`proofs_check.report`),
-    subsampled to ``max_points`` common indices. Non-finite values stay (the plot leaves them out)."""
-    x = np.asarray(x, np.float64)
-    idx = np.unique(np.linspace(0, len(x) - 1, min(len(x), max_points)).round().astype(int))
-    return {"x": x[idx].tolist(), "y": {k: np.asarray(v, np.float64)[idx].tolist() for k, v in series.items()},
-            "xlabel": xlabel, "ylabel": ylabel, "logy": bool(logy), "logx": bool(logx)}
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -189,16 +180,6 @@ def _c16_tolerances(g: dict, Ts: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
     q_ratio = g["r2"] ** 2 / g["quartic_bound"]
     tol_c = (2 * Ts * tol_n + rel) * q_ratio          # r^4: twice the relative error of r^2
     return tol_a, tol_b, tol_c
-
-
-def in_x64(check):
-    """Run ``check`` with float64 enabled (DESIGN.md "Precision": at the check's entry, never globally)."""
-    @functools.wraps(check)
-    def wrapped(settings: dict) -> list[Evidence]:
-        with _x64():
-            return check(settings)
-
-    return wrapped
 
 
 def _worst(values: np.ndarray, tols: np.ndarray) -> tuple[float, float, tuple]:
@@ -252,7 +233,7 @@ def check_c16(settings: dict) -> list[Evidence]:
                     f"({len(Ts)} horizons), float64")
             curves = {}
             if not control:
-                curves[f"||w_T||^2 - ||w_0||^2 and its bounds vs ln T, lr_w={lr:g}/sqrt(t+1)"] = multi_curve(
+                curves[f"||w_T||^2 - ||w_0||^2 and its bounds vs ln T, lr_w={lr:g}/sqrt(t+1)"] = curve(
                     np.log(Ts), {"measured (seed mean)": (g["r2"] - g["r0"]).mean(axis=0),
                                  "lr^2 G_T^2 (1 + ln T)/||w_0||^2 (seed mean)": g["bound"].mean(axis=0),
                                  "sqrt(quartic bound) - ||w_0||^2 (seed mean)":
@@ -262,7 +243,7 @@ def check_c16(settings: dict) -> list[Evidence]:
                 iso = toy_sweep("noisy_sphere", sgd=True, schedule="inverse_sqrt", lr_w=lrs, lr_g=0.1, seeds=S,
                                 steps=T + 1)
                 t = np.arange(T + 1)
-                curves[f"||w_T||^2 vs sqrt(T), lr_w={lr:g}: constant vs inverse-sqrt"] = multi_curve(
+                curves[f"||w_T||^2 vs sqrt(T), lr_w={lr:g}: constant vs inverse-sqrt"] = curve(
                     np.sqrt(t), {"constant lr_w (control)": res.reshape(res.w_sq[_one_group(res)])[i, 0].mean(0),
                                  "lr_w/sqrt(t+1)": iso.reshape(iso.w_sq[_one_group(iso)])[i, 0].mean(0)},
                     "sqrt(T)", "||w_T||^2 (seed mean)", logy=False)
@@ -409,7 +390,7 @@ def check_c17(settings: dict) -> list[Evidence]:
                      "ratio_T_over_ratio_T_half": float((r2[:, T] ** 2 / T).mean()
                                                         / (r2[:, T // 2] ** 2 / (T // 2)).mean()),
                      "tolerance": "the claim's literal-record tolerance at the same lr_w"}))
-    out[0].details["curves"] = {"||w_t||^4 / (2 lr_w^2 sigma^2 (d-1) t) vs t": multi_curve(
+    out[0].details["curves"] = {"||w_t||^4 / (2 lr_w^2 sigma^2 (d-1) t) vs t": curve(
         t, series, "t", "||w_t||^4 / (2 lr_w^2 * 19 t)   (SGD -> 1 + mean||grad L||^2 / 19)", logy=True, logx=True)}
     return out
 
@@ -553,6 +534,6 @@ def check_c18(settings: dict) -> list[Evidence]:
                    "min_t E||grad L(V_t;g_t)||^2")
         out.append(Evidence("C18", setting, lo if control else hi, -0.5, "<=", allowance, "float64", "none",
                             negative_control=bool(control), details=details))
-    out[0].details["curves"] = {"min_t<T E||grad L(V_t; g_t)||^2 vs T": multi_curve(
+    out[0].details["curves"] = {"min_t<T E||grad L(V_t; g_t)||^2 vs T": curve(
         Ts, series, "T", "min_t<T E||grad L(V_t; g_t)||^2 (seed and block means)", logy=True, logx=True)}
     return out
