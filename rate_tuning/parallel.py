@@ -1,0 +1,258 @@
+"""Data-parallel training over a mesh of devices (one host or many): the same step, placed on a mesh.
+
+The step is :func:`rate_tuning.train.make_train_step` unchanged. Data parallelism is a matter of where the
+inputs live:
+
+* the batch is sharded along the mesh axis ``'data'`` (each device holds ``B / n`` examples);
+* the train state (params, optimizer state, BatchNorm running statistics, step) is replicated.
+
+Under ``jax.jit`` the model's ``jnp.mean`` over the batch axis (:class:`rate_tuning.layers.BatchNorm`, and
+the mean cross-entropy of :func:`rate_tuning.models.batch_loss`) is then a reduction over the **global**
+batch: XLA's SPMD partitioner inserts the all-reduces, so the BatchNorm statistics, the loss, the gradient
+and every metric of the step (among them Lemma 2.4's residual, computed from the all-reduced gradient) are
+those of the full batch, to round-off. No ``axis_name``, ``pmean`` or ``shard_map`` is involved (the
+``shard_map`` route needs the ``pmean`` on the loss, not on the gradients: see JAX-NOTES.md).
+
+Multi-host: call :func:`distributed_initialize` first in every process (before any other JAX call); the
+mesh then spans the devices of all processes. Every process must feed the same global batch (e.g.
+``data.batch_at(x, y, B, seed, t)``, a pure function of the step); :func:`shard_batch` keeps only the
+rows of the process's own devices. CPU processes talk through gloo (TCP).
+
+Example::
+
+    from rate_tuning import parallel, train
+    setup = train.create_train_state(config, dataset, jax.random.key(0))
+    mesh = parallel.data_mesh()                                   # all devices, axis 'data'
+    state = parallel.replicate(mesh, setup.state)
+    step = parallel.make_parallel_train_step(setup.model, setup.labels, setup.lr_w, mesh)
+    for t in range(steps):
+        x, y = data.batch_at(dataset.x_train, dataset.y_train, 1024, seed, t)
+        state, metrics = step(state, x, y)                        # x, y: host arrays or shard_batch output
+        jax.block_until_ready(metrics)                            # see JAX-NOTES.md (rendezvous hangs)
+    params = parallel.to_host(state.params)                       # numpy, in every process
+
+Paper: the step is the two-rate (S)GD of Lemma 2.4 (Arora, Li & Lyu, ICLR 2019) on the global batch.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+"""Name of the mesh axis the batch is sharded along."""
+
+
+class ParallelError(ValueError):
+    """A mesh, batch or process setup that cannot run data-parallel (one-line message)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh and placement.
+
+
+def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over ``devices``.
+
+    Args:
+      devices: ``None`` (all devices of all processes, ``jax.devices()``), an int ``n`` (the first ``n`` of
+        them; single-process only), or a sequence of devices.
+
+    Built with ``jax.sharding.Mesh`` and not ``jax.make_mesh``, whose explicit-axes meshes break plain
+    ``jit`` on sharded inputs (JAX-NOTES.md).
+    """
+    all_devices = jax.devices()
+    if devices is None:
+        devices = all_devices
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        n = int(devices)
+        if not 1 <= n <= len(all_devices):
+            raise ParallelError(f"asked for {n} devices but {len(all_devices)} are available "
+                                f"({jax.default_backend()}; on CPU set XLA_FLAGS="
+                                f"--xla_force_host_platform_device_count=N before importing jax)")
+        if n < len(all_devices) and jax.process_count() > 1:
+            raise ParallelError("a device count is single-process only: with several processes pass a list "
+                                "of devices, or None for all of them")
+        devices = all_devices[:n]
+    devices = list(devices)
+    if not devices:
+        raise ParallelError("a mesh needs at least one device")
+    if len({d.id for d in devices}) != len(devices):
+        raise ParallelError(f"devices listed twice: {[d.id for d in devices]}")
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split along ``'data'``, every other axis whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def _global_array(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same global value in every process) as a global array with ``sharding``: each process
+    copies in only the slices of its own devices, so this works with one process or many."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if sharding.is_fully_addressable:  # one process: a plain copy (keeps weak types)
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)  # int64 -> int32 without x64
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_batch(mesh: Mesh, x, y) -> tuple[jax.Array, jax.Array]:
+    """Place the global batch ``(x, y)`` on ``mesh``, split along its first axis over ``'data'``.
+
+    Every process passes the same global batch; ``len(x)`` must be a multiple of the number of devices
+    on the ``'data'`` axis (each device gets ``len(x) / n`` consecutive examples).
+
+    Raises:
+      ParallelError: mismatched lengths, or a batch that does not divide evenly over the devices.
+    """
+    n_dev = mesh.shape[DATA_AXIS]
+    shape_x, shape_y = np.shape(x), np.shape(y)
+    if not shape_x or not shape_y:
+        raise ParallelError(f"a batch needs a leading batch axis; got shapes {shape_x} and {shape_y}")
+    if shape_x[0] != shape_y[0]:
+        raise ParallelError(f"batch has {shape_x[0]} inputs but {shape_y[0]} labels")
+    if shape_x[0] % n_dev:
+        lo = shape_x[0] // n_dev * n_dev
+        hint = f"{lo} or {lo + n_dev}" if lo else f"{n_dev}"
+        raise ParallelError(f"batch size {shape_x[0]} is not divisible by the {n_dev} devices of the "
+                            f"'{DATA_AXIS}' axis (use a multiple of {n_dev}, e.g. {hint})")
+    sharding = batch_sharding(mesh)
+    return _global_array(x, sharding), _global_array(y, sharding)
+
+
+def replicate(mesh: Mesh, tree):
+    """Every array leaf of ``tree`` (e.g. a ``TrainState``) copied onto every device of ``mesh``.
+
+    Non-array leaves (static fields such as ``apply_fn`` and ``tx`` of a ``TrainState`` are not leaves)
+    pass through. With several processes, every process must pass the same values.
+    """
+    sharding = replicated_sharding(mesh)
+
+    def place(leaf):
+        if isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float)):
+            return _global_array(leaf, sharding)
+        return leaf
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def to_host(tree):
+    """Numpy copies of the leaves of ``tree`` in every process: replicated arrays from the local copy,
+    sharded ones gathered across processes (``multihost_utils.process_allgather``)."""
+    def get(leaf):
+        if not isinstance(leaf, jax.Array):
+            return leaf
+        if leaf.is_fully_addressable:
+            return np.asarray(leaf)
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step.
+
+
+def make_parallel_train_step(model, labels, lr_w, mesh: Mesh, *, max_traces: int | None = None,
+                             check_finite: bool = False) -> Callable[[Any, Any, Any], tuple[Any, dict]]:
+    """``step(state, x, y) -> (state, metrics)``: :func:`rate_tuning.train.make_train_step` on ``mesh``.
+
+    The function is the single-device step itself, jitted again with explicit shardings: ``state``
+    replicated, ``(x, y)`` sharded along ``'data'``, the new state and the metrics replicated. BatchNorm
+    statistics, loss, gradient and metrics are those of the global batch (see the module docstring).
+
+    ``state`` must already be on the mesh (:func:`replicate`, once, before the loop). ``x, y`` may be host
+    arrays (placed with :func:`shard_batch` on every call) or :func:`shard_batch` output (no copy). The
+    returned function carries ``.jitted`` (the sharded ``jax.jit`` object, e.g. for ``.lower``) and
+    ``.mesh``.
+
+    Args:
+      model, labels, lr_w: as for :func:`rate_tuning.train.make_train_step`.
+      mesh: from :func:`data_mesh`.
+      max_traces, check_finite: as for :func:`rate_tuning.train.make_train_step` (a retrace raises; the
+        ``finite`` flags of a diverging step).
+    """
+    from rate_tuning import train  # deferred: train imports configs, data, models...
+
+    inner = train.make_train_step(model, labels, lr_w, max_traces=max_traces, check_finite=check_finite)
+    repl, data = replicated_sharding(mesh), batch_sharding(mesh)
+    jitted = jax.jit(inner, in_shardings=(repl, data, data), out_shardings=(repl, repl), donate_argnums=())
+
+    def parallel_train_step(state, x, y):
+        x, y = shard_batch(mesh, x, y)
+        return jitted(state, x, y)
+
+    parallel_train_step.jitted = jitted
+    parallel_train_step.mesh = mesh
+    return parallel_train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes.
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+def distributed_initialize(coordinator: str, num_processes: int, process_id: int, *,
+                           local_device_ids: Sequence[int] | None = None,
+                           initialization_timeout: int = 300) -> None:
+    """``jax.distributed.initialize`` with its arguments checked first, for multi-host data parallelism.
+
+    Call it in every process, before any other JAX call; afterwards ``jax.devices()`` (and so
+    :func:`data_mesh`) lists the devices of all processes. On CPU the processes' collectives go through
+    gloo (set here if the jaxlib default is none).
+
+    Args:
+      coordinator: ``'host:port'`` of process 0's coordination service (e.g. ``'10.0.0.1:1234'``;
+        ``'127.0.0.1:PORT'`` for processes on one machine).
+      num_processes: total number of processes, >= 1.
+      process_id: this process's index in ``[0, num_processes)``.
+      local_device_ids: restrict this process to these local devices (GPU), as in JAX.
+      initialization_timeout: seconds to wait for every process to connect.
+
+    Raises:
+      ParallelError: a malformed address, a bad count or index, or JAX already initialised.
+    """
+    if not isinstance(coordinator, str) or not _ADDRESS.match(coordinator):
+        raise ParallelError(f"coordinator must be 'host:port', got {coordinator!r}")
+    port = int(coordinator.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        raise ParallelError(f"coordinator port must be in 1..65535, got {port}")
+    for name, value, minimum in (("num_processes", num_processes, 1), ("process_id", process_id, 0),
+                                 ("initialization_timeout", initialization_timeout, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ParallelError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if process_id >= num_processes:
+        raise ParallelError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    from jax._src import distributed as _distributed  # no public "is initialized" yet
+    if getattr(_distributed.global_state, "client", None) is not None:
+        raise ParallelError("jax.distributed is already initialized in this process")
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num_processes),
+                                   process_id=int(process_id), local_device_ids=local_device_ids,
+                                   initialization_timeout=int(initialization_timeout))
+    except RuntimeError as e:
+        if "before" in str(e).lower():
+            raise ParallelError("distributed_initialize must run before any JAX computation in the process "
+                                f"({e})") from None
+        raise
+
+
+__all__ = ["DATA_AXIS", "ParallelError", "batch_sharding", "data_mesh", "distributed_initialize",
+           "make_parallel_train_step", "replicate", "replicated_sharding", "shard_batch", "to_host"]
