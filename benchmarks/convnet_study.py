@@ -139,6 +139,13 @@ def study_convs(args) -> dict:
     sets = [v for v in args.variants.split(",") if v in LAYER_SETS] or ["convnet"]
     impls = [v for v in args.variants.split(",") if v in IMPLS] or list(IMPLS)
     layers = [(name, *l) for name in sets for l in LAYER_SETS[name]]
+    torch_layouts = [v for v in args.variants.split(",") if v in ("torch_nchw", "torch_cl")]
+    if torch_layouts:
+        from benchmarks.run import _have_torch, _set_threads
+        if not _have_torch():
+            torch_layouts = []
+        else:
+            out["torch_threads"] = _set_threads(args.torch_threads)
     for model_name, h, c, f, ksz, stride in layers:
         x = rng.normal(size=(BATCH, h, h, c)).astype(np.float32)
         k = rng.normal(size=(ksz, ksz, c, f)).astype(np.float32)
@@ -173,6 +180,52 @@ def study_convs(args) -> dict:
                                        "hlo": _hlo_summary(passes[p].lower(xi, ki).compile().as_text())})
             print(f"  {model_name} {h}x{h}x{c}->{f} k{ksz} s{stride} {impl:6s} " + "  ".join(
                 f"{e['pass']} {e['median_ms']:.2f} ms" for e in out["entries"][-3:]), file=sys.stderr, flush=True)
+        for layout in torch_layouts:
+            out["entries"] += _torch_conv_entries(x, k, stride, layout, model_name, h, c, f, ksz, flops, args)
+    return out
+
+
+
+def _torch_conv_entries(x, k, stride, layout, model_name, h, c, f, ksz, flops, args) -> list[dict]:
+    """The same convolution in PyTorch (``F.conv2d``, padding ``k // 2``: same cost as XLA's 'SAME'):
+    forward, and the input / kernel gradients each timed as (forward + that gradient) - forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.run import measure, summarize
+
+    cl = layout == "torch_cl"
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=fmt)
+    kt = torch.from_numpy(k.transpose(3, 2, 0, 1).copy()).contiguous(memory_format=fmt)
+    xg, kg = xt.clone().requires_grad_(True), kt.clone().requires_grad_(True)
+    ct = torch.ones_like(F.conv2d(xt, kt, stride=stride, padding=ksz // 2))
+
+    def fwd(n):
+        with torch.no_grad():
+            for _ in range(n):
+                F.conv2d(xt, kt, stride=stride, padding=ksz // 2)
+
+    def dx(n):
+        for _ in range(n):
+            torch.autograd.grad(F.conv2d(xg, kt, stride=stride, padding=ksz // 2), xg, ct)
+
+    def dk(n):
+        for _ in range(n):
+            torch.autograd.grad(F.conv2d(xt, kg, stride=stride, padding=ksz // 2), kg, ct)
+
+    timed = measure({"fwd": fwd, "dx": dx, "dk": dk}, repeats=args.repeats, min_time=args.min_time, clock=args.clock)
+    t_f = summarize(timed["fwd"]["samples"], timed["fwd"]["n"])["median_s"]
+    out = []
+    for p, t in timed.items():
+        s = summarize(t["samples"], t["n"])
+        med = s["median_s"] - (t_f if p != "fwd" else 0.0)
+        out.append({"model": model_name, "layer": f"{h}x{h}x{c}->{f} k{ksz} s{stride}", "impl": layout, "pass": p,
+                    "median_ms": med * 1e3, "min_ms": s["min_s"] * 1e3, "q1_ms": s["q1_s"] * 1e3,
+                    "q3_ms": s["q3_s"] * 1e3, "gflops": flops / max(med, 1e-9) / 1e9, "rel_err_vs_nhwc": None,
+                    "hlo": None})
+    print(f"  {model_name} {h}x{h}x{c}->{f} k{ksz} s{stride} {layout} " + "  ".join(
+        f"{e['pass']} {e['median_ms']:.2f} ms" for e in out), file=sys.stderr, flush=True)
     return out
 
 
@@ -559,7 +612,8 @@ def orchestrate(args, spawn) -> dict:
     common = ["--repeats", str(args.repeats), "--min-time", str(args.min_time)]
     res = {}
     convs = ["--study", "convs", "--variants", "convnet,vgg,resnet,nhwc,nchw,im2col,s2d"]
-    res["convs_percore"] = spawn("convnet", [*convs, "--clock", "cpu", "--pin-core", str(core), *common])
+    res["convs_percore"] = spawn("convnet", [*convs[:-1], convs[-1] + ",torch_nchw,torch_cl", "--clock", "cpu",
+                                             "--pin-core", str(core), "--torch-threads", "1", *common])
     res["convs_wall"] = spawn("convnet", [*convs, "--clock", "wall", *common])
     res["bnpool_percore"] = spawn("convnet", ["--study", "bnpool", "--clock", "cpu", "--pin-core", str(core),
                                               "--torch-threads", "1", *common])
@@ -624,9 +678,11 @@ def markdown(res: dict) -> list[str]:
             continue
         lines += [f"### Each convolution alone, {title}: ms (GFLOP/s); where XLA runs it", "",
                   "HLO column: `ynn` = inside a YNNPACK fusion, `eigen` = an XLA convolution op (Eigen), "
-                  "`lhs-dil` / `rhs-dil` = input / window dilation (the stride of the forward pass), `dot` = no "
-                  "convolution left (im2col).", "",
+                  "`lhs-dil` / `rhs-dil` = input / window dilation (the stride of the forward pass), `ynn dot` = no "
+                  "convolution left, a YNNPACK matmul (im2col).", "",
                   "| model | layer | impl | forward | d input | d kernel | HLO fwd / dx / dk |", "|---|---|---|---|---|---|---|"]
+        if r.get("note"):
+            lines[-3:-3] = [r["note"] + ".", ""]
         rows = {}
         for e in r["entries"]:
             rows.setdefault((e.get("model", ""), e["layer"], e["impl"]), {})[e["pass"]] = e
@@ -635,10 +691,13 @@ def markdown(res: dict) -> list[str]:
             return f"{e['median_ms']:.2f} ({e['gflops']:.0f})" if e else "-"
 
         def hlo(e):
-            if not e:
-                return "-"
+            if not e or not e.get("hlo"):
+                return "oneDNN" if e else "-"
             h = e["hlo"]
-            kind = "ynn" if h["ynn_fusions"] else ("eigen" if h["xla_convolutions"] else "dot")
+            if not h["xla_convolutions"]:
+                kind = "ynn dot" if h["ynn_fusions"] else "dot"
+            else:
+                kind = "ynn" if h["ynn_fusions"] else "eigen"
             extra = (" lhs-dil" if h["lhs_dilated"] else "") + (" rhs-dil" if h["rhs_dilated"] else "")
             return kind + extra
 

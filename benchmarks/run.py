@@ -713,6 +713,7 @@ def parse_args(argv=None):
                         "OpenMP's spinning threads collapse PyTorch's 2-thread throughput up to 60x; '' keeps "
                         "the library default, ACTIVE)")
     p.add_argument("--name", default=None, help="result file stem (default: <backend>_<quick|full>)")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the Markdown of a results JSON")
     # worker-only
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -740,6 +741,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_worker(args)
+        return 0
+    if args.render:
+        with open(args.render) as f:
+            result = json.load(f)
+        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
+            f.write(markdown(result))
         return 0
     result = orchestrate(args)
     backend = (result["sections"].get("train") or {}).get("backend") or "cpu"
