@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.run --quick                 # a few minutes on 2 CPU cores
+    python -m benchmarks.run --quick                 # batch 128 only; ~6 min on 2 shared CPU cores
     python -m benchmarks.run                         # the full suite (more repeats, torch.compile, proofs full)
     python -m benchmarks.run --sections train,percore --out benchmarks/results
 
@@ -14,7 +14,7 @@ Sections (``--sections``, comma-separated; default: all):
 
 * ``train``: examples/s of one jitted train step (:func:`rate_tuning.train.make_train_step`: loss, gradient,
   two-rate SGD update, BN running statistics and the step's metrics) for ``mlp``, ``convnet``, ``vgg``,
-  ``resnet`` at batch 128 and 1024, float32 (and bfloat16 on accelerators), one device; next to it, in the
+  ``resnet`` at batch 128 and 1024 (``--quick``: 128 unless ``--batches`` says otherwise), float32 (and bfloat16 on accelerators), one device; next to it, in the
   same process and interleaved repeat by repeat, the PyTorch peer (``benchmarks/torch_reference.py``: the
   same network, exact BN, SGD with two parameter groups) eager, with ``torch.set_num_threads`` = the number
   of cores JAX uses; the ratio is JAX/PyTorch examples/s. Wall clock.
@@ -364,7 +364,26 @@ def worker_curvature(args) -> dict:
         hvp = jax.jit(lambda p, v: curvature.hvp(loss, p, v))
         lanczos = jax.jit(lambda p, key: curvature.lanczos(lambda u: curvature.hvp(loss, p, u), p, k, key))
         key = jax.random.key(0)
+        loops = 5  # the same 5 HVPs inside one lax.fori_loop, and dispatched from Python
+
+        def fori_body(i, u):
+            w = curvature.hvp(loss, p, u)
+            n = jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(w)))
+            return jax.tree_util.tree_map(lambda a: a / n, w)
+
+        fori = jax.jit(lambda u: jax.lax.fori_loop(0, loops, fori_body, u))
+        step = jax.jit(lambda u: fori_body(0, u))
+
+        def python_loop(n):
+            for _ in range(n):
+                u = v
+                for _ in range(loops):
+                    u = step(u)
+            jax.block_until_ready(u)
+
         runners = {
+            f"{loops} hvp in lax.fori_loop": lambda n: jax.block_until_ready([fori(v) for _ in range(n)]),
+            f"{loops} hvp from Python": python_loop,
             "grad": lambda n: jax.block_until_ready([grad(p) for _ in range(n)]),
             "hvp": lambda n: jax.block_until_ready([hvp(p, v) for _ in range(n)]),
             f"lanczos{k}": lambda n: jax.block_until_ready([lanczos(p, key) for _ in range(n)]),
@@ -377,8 +396,10 @@ def worker_curvature(args) -> dict:
                      "q1_s": s["q1_s"], "q3_s": s["q3_s"], "relative_to_grad": s["median_s"] / g}
             if name.startswith("lanczos"):
                 entry["per_step_relative_to_grad"] = s["median_s"] / g / k
+            elif name.startswith(f"{loops} hvp"):
+                entry["per_step_relative_to_grad"] = s["median_s"] / g / loops
             res["entries"].append(entry)
-        print(f"  {arch}: " + "  ".join(f"{e['op']} {e['relative_to_grad']:.2f}x" for e in res["entries"][-3:]),
+        print(f"  {arch}: " + "  ".join(f"{e['op']} {e['relative_to_grad']:.2f}x" for e in res["entries"][-5:]),
               file=sys.stderr, flush=True)
     return res
 
@@ -661,8 +682,11 @@ def markdown(result: dict) -> str:
         lines += _train_table(s["percore"]["entries"], [], "cpu")
         lines.append("")
     if "curvature" in s and "entries" in s["curvature"]:
-        lines += ["## Curvature cost relative to one gradient (batch 128, float32)", "",
-                  "| model | op | median ms | x gradient | per Lanczos step x gradient |", "|---|---|---|---|---|"]
+        lines += ["## Curvature cost relative to one gradient (batch 128, float32)", ""]
+        if s["curvature"].get("note"):
+            lines += [s["curvature"]["note"] + ".", ""]
+        lines += ["| model | op | median ms | x gradient | per Lanczos step / per HVP, x gradient |",
+                  "|---|---|---|---|---|"]
         for e in s["curvature"]["entries"]:
             lines.append(f"| {e['model']} | {e['op']} | {e['median_s'] * 1e3:.2f} | {e['relative_to_grad']:.2f} | "
                          f"{_fmt(e.get('per_step_relative_to_grad'), '.2f')} |")
@@ -696,7 +720,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=DEFAULT_OUT, help="directory of the JSON and Markdown results")
     p.add_argument("--sections", default=None, help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--batches", default=None, help="comma-separated (default: 128 quick, 128,1024 full)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (>= 5; default 5 quick, 9 full)")
     p.add_argument("--min-time", type=float, default=None, help="seconds per repeat (default 0.2 quick, 1.0 full)")
     p.add_argument("--torch-threads", type=int, default=None, help="default: the cores this process may use")
@@ -728,6 +752,8 @@ def parse_args(argv=None):
         p.error("--repeats must be >= 5")
     if args.min_time is None:
         args.min_time = 0.2 if args.quick else 1.0
+    if args.batches is None:
+        args.batches = "128" if args.quick else ",".join(map(str, BATCHES))
     if args.lanczos_steps is None:
         args.lanczos_steps = 10 if args.quick else 30
     if args.torch_layouts is None:

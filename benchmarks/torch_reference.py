@@ -284,10 +284,11 @@ def check_parity(model, params, labels, x: np.ndarray, y: np.ndarray, lr_w: floa
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
         stats = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
-                                       model.init(jax.random.key(0), jnp.asarray(x[:2], jnp.float64))["batch_stats"])
+                                       jax.jit(model.init)(jax.random.key(0), jnp.asarray(x[:2]))["batch_stats"])
         model64 = model.clone(param_dtype=jnp.float64)
-        (loss, _), g = jax.value_and_grad(lambda p: models.batch_loss(model64, p, stats, jnp.asarray(x, jnp.float64),
-                                                                      jnp.asarray(y), True), has_aux=True)(p64)
+        xs, ys = jnp.asarray(x, jnp.float64), jnp.asarray(y)
+        (loss, _), g = jax.jit(jax.value_and_grad(lambda p: models.batch_loss(model64, p, stats, xs, ys, True),
+                                                  has_aux=True))(p64)
         tx = optim.two_rate_sgd(labels, lr_w, lr_g)
         updates, _ = tx.update(g, tx.init(p64), p64)
         new = jax.device_get(optax.apply_updates(p64, updates))
