@@ -301,8 +301,10 @@ def worker_train(args) -> dict:
                     name = "torch/float32/compile"
                     try:
                         runners[name] = _torch_runner(arch, batch, compile=True)
-                        runners[name](1)
-                        meta[name] = {"framework": "torch", "dtype": "float32", "variant": "torch.compile NCHW"}
+                        t0 = time.perf_counter()
+                        runners[name](1)  # compiles here, so that a failure is caught and recorded
+                        meta[name] = {"framework": "torch", "dtype": "float32", "variant": "torch.compile NCHW",
+                                      "compile_s": time.perf_counter() - t0}
                     except Exception as e:  # noqa: BLE001 - recorded
                         runners.pop(name, None)
                         res.setdefault("errors", []).append(f"{arch}/{batch} torch.compile: {type(e).__name__}: {e}")
