@@ -70,19 +70,10 @@ def _same_pads(n, k, s):
 
 
 def conv_im2col(x, k, s):
-    """``patches @ K``: the patches are ``kh * kw`` strided slices of the padded input, concatenated on
-    the channel axis in HWI order, so ``K`` is the HWIO kernel reshaped to ``(kh kw C, F)``. Forward,
-    input and kernel gradients are then dots, slices, pads and adds: no convolution op at all."""
-    import jax.numpy as jnp
+    """``patches @ K`` (:func:`rate_tuning.layers.im2col_conv`, the library's ``conv_impl='im2col'``)."""
+    from rate_tuning import layers
 
-    n, h, w, c = x.shape
-    kh, kw, _, f = k.shape
-    oh, lh, hh = _same_pads(h, kh, s)
-    ow, lw, hw = _same_pads(w, kw, s)
-    xp = jnp.pad(x, ((0, 0), (lh, hh), (lw, hw), (0, 0)))
-    cols = [xp[:, i:i + (oh - 1) * s + 1:s, j:j + (ow - 1) * s + 1:s, :] for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(cols, axis=-1).reshape(n * oh * ow, kh * kw * c)
-    return (patches @ k.reshape(kh * kw * c, f)).reshape(n, oh, ow, f)
+    return layers.im2col_conv(x, k, (s, s), "SAME")
 
 
 def conv_s2d(x, k, s):
@@ -266,32 +257,27 @@ def _bn_stats(x):
 
 
 def _make_bn_functions():
-    """Exact train-mode BN ``y = (x - mu) / sigma * gamma + beta`` (two-pass variance, eps = 0) with a
-    hand-written derivative: ``custom_jvp`` (forward mode works, so HVPs do; JAX transposes the JVP for
-    the gradient) and ``custom_vjp`` (the textbook backward ``dx = gamma/sigma (dy - mean(dy) - xhat
-    mean(dy xhat))``: fewest passes over the activation, but no forward mode, so no jvp-over-grad HVP)."""
+    """Exact train-mode BN ``y = (x - mu) / sigma * gamma + beta`` (two-pass variance, eps = 0), by how
+    its derivative is obtained: ``autodiff`` (JAX differentiates the two-pass variance: the library before
+    :func:`rate_tuning.layers.normalize` had a hand-written JVP; the study's baseline), ``jvp`` (the
+    library's ``normalize``: forward mode works, so HVPs do; JAX transposes the JVP for the gradient) and
+    ``vjp`` (``custom_vjp``, the textbook backward ``dx = gamma/sigma (dy - mean(dy) - xhat mean(dy xhat))``:
+    no forward mode, so no jvp-over-grad HVP)."""
     import jax
     import jax.numpy as jnp
 
-    @jax.custom_jvp
-    def bn_jvp(x, gamma, beta):
+    from rate_tuning import layers
+
+    def bn_autodiff(x, gamma, beta):
         _, _, xc, var = _bn_stats(x)
         return xc * (jax.lax.rsqrt(var) * gamma) + beta
 
-    @bn_jvp.defjvp
-    def _(primals, tangents):
-        x, gamma, beta = primals
-        dx, dgamma, dbeta = tangents
-        axes, _, xc, var = _bn_stats(x)
-        rstd = jax.lax.rsqrt(var)
-        xhat = xc * rstd
-        dxhat = rstd * (dx - jnp.mean(dx, axis=axes) - xhat * jnp.mean(dx * xhat, axis=axes))
-        return xhat * gamma + beta, dxhat * gamma + xhat * dgamma + dbeta
+    def bn_jvp(x, gamma, beta):
+        return layers.normalize(x, jnp.zeros((), x.dtype))[0] * gamma + beta
 
     @jax.custom_vjp
     def bn_vjp(x, gamma, beta):
-        _, _, xc, var = _bn_stats(x)
-        return xc * (jax.lax.rsqrt(var) * gamma) + beta
+        return bn_autodiff(x, gamma, beta)
 
     def fwd(x, gamma, beta):
         _, _, xc, var = _bn_stats(x)
@@ -308,12 +294,12 @@ def _make_bn_functions():
         return dx, dxc * rstd, dbeta
 
     bn_vjp.defvjp(fwd, bwd)
-    return {"jvp": bn_jvp, "vjp": bn_vjp}
+    return {"autodiff": bn_autodiff, "jvp": bn_jvp, "vjp": bn_vjp}
 
 
 def _fast_bn_module(mode: str):
     """:class:`rate_tuning.layers.BatchNorm` (exact variant: same params, statistics and running
-    averages) with the normalisation's derivative written by hand (:func:`_make_bn_functions`)."""
+    averages) with the normalisation's derivative obtained as ``mode`` says (:func:`_make_bn_functions`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -351,62 +337,50 @@ def _fast_bn_module(mode: str):
     return FastBatchNorm
 
 
-def _pool_max_reshape(x):
-    """2x2 stride-2 max-pool as a reshape and a max reduction: its gradient is an equality mask (JAX's
-    ``reduce_max`` rule) instead of XLA's ``select-and-scatter`` (the gradient of ``reduce_window``).
-    The two differ only on exact ties inside a window, where the mask splits the gradient; after a ReLU
-    such ties are zeros whose gradient the ReLU mask removes anyway."""
-    import jax.numpy as jnp
-
-    n, h, w, c = x.shape
-    return jnp.max(x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-
-
 def variant_model(name: str, dtype="float32"):
-    """``(model, input_shape)`` of a variant ``BASE[+im2col|+s2d][+rpool]``.
+    """``(model, input_shape)`` of a variant ``BASE[+im2col|+s2d][+rpool][+cbn|+vbn]``.
 
     ``BASE``: ``native`` (= ``convnet``, the default convnet), ``maxpool`` (its channels with stride-1
     convolutions and 2x2 max-pool), ``vgg``, ``resnet`` (their defaults), or ``bfloat16`` (the convnet in
-    bfloat16). ``+im2col`` / ``+s2d``: every convolution in that formulation (same params and labels);
-    ``+rpool``: max-pool as reshape + max (:func:`_pool_max_reshape`) instead of ``nn.max_pool``;
-    ``+cbn`` / ``+vbn``: BN with a hand-written ``custom_jvp`` / ``custom_vjp`` derivative
-    (:func:`_fast_bn_module`; same params and running statistics).
+    bfloat16), all as the library computed them when this study was made, its baseline: XLA convolutions
+    (``conv_impl='xla'``), ``nn.max_pool`` and BN differentiated by autodiff. ``+im2col`` / ``+s2d``: every
+    convolution in that formulation (same params and labels); ``+rpool``: max-pool as reshape + max
+    (:func:`rate_tuning.layers.max_pool_2x2`); ``+cbn`` / ``+vbn``: BN with a hand-written ``custom_jvp``
+    (the library's :func:`rate_tuning.layers.normalize`) / ``custom_vjp`` derivative (same params and
+    running statistics). The library's defaults on CPU today are ``native+im2col+rpool+cbn`` for strided
+    convolutions (``conv_impl='auto'``), stride-1 ones staying XLA's.
     """
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from rate_tuning import models
+    from rate_tuning import layers, models
 
     base, *mods = name.split("+")
     if dtype == "float32" and base == "bfloat16":
         dtype = "bfloat16"
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    conv_impl = next((m for m in mods if m in ("im2col", "s2d")), None)
+    conv_impl = "im2col" if "im2col" in mods else "s2d" if "s2d" in mods else "xla"
     rpool = "rpool" in mods
-    bn_mode = "jvp" if "cbn" in mods else "vjp" if "vbn" in mods else None
+    fast_bn = _fast_bn_module("jvp" if "cbn" in mods else "vjp" if "vbn" in mods else "autodiff")
+    common = dict(preset=models.PRESETS["paper"], param_dtype=jdt,
+                  conv_impl="im2col" if conv_impl == "im2col" else "xla")
     if base in ("native", "convnet", "bfloat16"):
-        model = models.build("convnet", "paper", param_dtype=jdt)
+        units = models.convnet().units
     elif base == "maxpool":
         units = (models.Unit("conv", 16, pool="max"), models.Unit("conv", 32, pool="max"),
                  models.Unit("conv", 64, pool="global"))
-        model = models.BNNet(units=units, preset=models.PRESETS["paper"], param_dtype=jdt)
-    elif base in ("vgg", "resnet"):
-        model = models.build(base, "paper", param_dtype=jdt)
-    else:
+    elif base == "vgg":
+        units = models.vgg().units
+    elif base != "resnet":
         raise ValueError(f"unknown variant {name!r}")
-    if conv_impl is None and not rpool and bn_mode is None:
-        return model, (32, 32, 3)
     Conv = _conv_module()
-    FastBN = _fast_bn_module(bn_mode) if bn_mode else None
 
     def make_bn(self, name, train, affine):
-        if FastBN is None:
-            return models._BNNetBase._bn(self, name, train, affine)
-        return FastBN(use_running_average=not train, use_scale=affine, use_bias=affine,
-                      param_dtype=self.param_dtype, name=name)
+        return fast_bn(use_running_average=not train, use_scale=affine, use_bias=affine,
+                       param_dtype=self.param_dtype, name=name)
 
     def layer_bn(self, x, kind, features, name, bn_name, train, affine, kernel_size=3, stride=1):
-        if kind == "dense" or conv_impl is None:
+        if kind == "dense" or conv_impl != "s2d":
             return models._BNNetBase._layer_bn(self, x, kind, features, name, bn_name, train, affine,
                                                kernel_size, stride)
         layer = Conv(features, kernel_size, stride, conv_impl, self.param_dtype, name=name)
@@ -415,10 +389,9 @@ def variant_model(name: str, dtype="float32"):
         w_sq = jnp.sum(jnp.square(kernel), axis=(0, 1, 2))
         return self._bn(bn_name, train, affine)(x, weight_sq_norm=w_sq)
 
-    if isinstance(model, models.ResNet):
+    if base == "resnet":
         cls = type("ResNetVariant", (models.ResNet,), {"_layer_bn": layer_bn, "_bn": make_bn})
-        return cls(stage_channels=model.stage_channels, blocks_per_stage=model.blocks_per_stage,
-                   preset=model.preset, param_dtype=jdt), (32, 32, 3)
+        return cls(**common), (32, 32, 3)
 
     class BNNetVariant(models.BNNet):
         _layer_bn = layer_bn
@@ -432,12 +405,12 @@ def variant_model(name: str, dtype="float32"):
                 x = act(self._layer_bn(x, u.kind, u.features, f"layer{i}", f"bn{i}", train, affine,
                                        u.kernel_size, u.stride))
                 if u.pool == "max":
-                    x = _pool_max_reshape(x) if rpool else nn.max_pool(x, (2, 2), strides=(2, 2))
+                    x = layers.max_pool_2x2(x) if rpool else nn.max_pool(x, (2, 2), strides=(2, 2))
                 elif u.pool == "global":
                     x = jnp.mean(x, axis=(1, 2))
             return self._head(x, train)
 
-    return BNNetVariant(units=model.units, preset=model.preset, param_dtype=jdt), (32, 32, 3)
+    return BNNetVariant(units=units, **common), (32, 32, 3)
 
 
 def study_steps(args) -> dict:
@@ -559,11 +532,14 @@ def study_bnpool(args) -> dict:
         bn_grad = jax.jit(jax.grad(bn_loss, argnums=(0, 1)))
         fns = _make_bn_functions()
         custom = {m: jax.jit(jax.grad(lambda p, x, f=fns[m]: jnp.sum(jax.nn.relu(f(x, p["scale"], p["bias"]))),
-                                      argnums=(0, 1))) for m in ("jvp", "vjp")}
+                                      argnums=(0, 1))) for m in ("autodiff", "jvp", "vjp")}
         pool_rw = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)))))
-        pool_rs = jax.jit(jax.grad(lambda x: jnp.sum(_pool_max_reshape(x))))
+        pool_rs = jax.jit(jax.grad(lambda x: jnp.sum(layers.max_pool_2x2(x))))
         runners = {
-            "jax bn+relu fwd+bwd": lambda n: jax.block_until_ready([bn_grad(v["params"], xj) for _ in range(n)]),
+            "jax bn+relu fwd+bwd, layers.BatchNorm": lambda n: jax.block_until_ready(
+                [bn_grad(v["params"], xj) for _ in range(n)]),
+            "jax bn+relu fwd+bwd, autodiff BN": lambda n: jax.block_until_ready(
+                [custom["autodiff"](v["params"], xj) for _ in range(n)]),
             "jax bn+relu fwd+bwd, custom_jvp BN": lambda n: jax.block_until_ready(
                 [custom["jvp"](v["params"], xj) for _ in range(n)]),
             "jax bn+relu fwd+bwd, custom_vjp BN": lambda n: jax.block_until_ready(

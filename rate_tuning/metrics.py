@@ -34,13 +34,14 @@ def effective_lr(lr_w, params, labels) -> dict[str, jax.Array]:
 def angular_update(old, new, labels) -> dict[str, jax.Array]:
     """Angle in radians between ``w^(i)_t`` and ``w^(i)_{t+1}`` per group.
 
-    Computed as ``2 atan2(||u - v||, ||u + v||)`` on the unit vectors ``u, v``, which stays accurate for
-    tiny angles, where ``arccos`` of the cosine loses half the digits.
+    Computed as ``2 atan2(d, sqrt(4 - d^2))`` with ``d = ||u - v||`` of the unit vectors ``u, v``
+    (``||u + v||^2 = 4 - d^2``, the parallelogram law): accurate for tiny angles, where ``arccos`` of the
+    cosine loses half the digits, and to round-off up to pi/2 (beyond, the absolute error grows to about
+    ``sqrt(eps)`` near pi). One fused reduction over ``old`` and ``new``, no normalised copies.
     """
     u, v = normalize(old, labels), normalize(new, labels)
     diff = G.group_sq_norms(jax.tree_util.tree_map(jnp.subtract, u, v), labels)
-    summ = G.group_sq_norms(jax.tree_util.tree_map(jnp.add, u, v), labels)
-    return {k: 2.0 * jnp.arctan2(jnp.sqrt(diff[k]), jnp.sqrt(summ[k])) for k in diff}
+    return {k: 2.0 * jnp.arctan2(jnp.sqrt(d), jnp.sqrt(jnp.maximum(4.0 - d, 0.0))) for k, d in diff.items()}
 
 
 def normalize(params, labels):

@@ -37,6 +37,11 @@ from rate_tuning import groups as G
 from rate_tuning import layers
 
 GROUPINGS = ("layer", "channel")
+CONV_IMPLS = ("auto", "xla", "im2col")
+"""How convolutions are computed: ``'xla'`` (``lax.conv_general_dilated``), ``'im2col'``
+(:func:`rate_tuning.layers.conv_im2col`: patches times kernel), or ``'auto'``: im2col for strided
+convolutions on the CPU backend, where it is faster, XLA's convolution everywhere else. Same parameters,
+same function: they agree to round-off."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,7 @@ class _BNNetBase(nn.Module):
     smooth_epsilon: float = layers.STANDARD_EPSILON
     classifier_norm: float = 10.0
     param_dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     # -- forward pieces -------------------------------------------------------------------------------
     def _bn(self, name: str, train: bool, affine: bool):
@@ -95,13 +101,22 @@ class _BNNetBase(nn.Module):
             layer = nn.Dense(features, use_bias=not use_bn, param_dtype=self.param_dtype, name=name)
         else:
             layer = nn.Conv(features, (kernel_size, kernel_size), strides=stride, padding="SAME",
-                            use_bias=not use_bn, param_dtype=self.param_dtype, name=name)
+                            use_bias=not use_bn, param_dtype=self.param_dtype, name=name,
+                            conv_general_dilated=self._conv_function(stride))
         x = layer(x)
         if not use_bn:
             return x
         kernel = layer.variables["params"]["kernel"]
         w_sq = jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1)))
         return self._bn(bn_name, train, affine)(x, weight_sq_norm=w_sq)
+
+    def _conv_function(self, stride: int):
+        """The ``conv_general_dilated`` of a layer with this stride (None: flax's default), by :data:`CONV_IMPLS`."""
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv_impl {self.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
+        im2col = self.conv_impl == "im2col" or (self.conv_impl == "auto" and stride > 1
+                                                 and jax.default_backend() == "cpu")
+        return layers.conv_im2col if im2col else None
 
     def _head(self, x, train):
         x = x.reshape(x.shape[0], -1)
@@ -150,7 +165,7 @@ class BNNet(_BNNetBase):
             x = act(self._layer_bn(x, u.kind, u.features, f"layer{i}", f"bn{i}", train, affine,
                                    u.kernel_size, u.stride))
             if u.pool == "max":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = layers.max_pool_2x2(x)
             elif u.pool == "global":
                 x = jnp.mean(x, axis=(1, 2))
         return self._head(x, train)
@@ -226,8 +241,7 @@ def mlp(widths: Sequence[int] = (64, 64), **kw) -> BNNet:
 
 
 def convnet(channels: Sequence[int] = (16, 32, 64), **kw) -> BNNet:
-    """3x3 stride-2 convolutions (no max-pool: XLA's max-pool backward is slow on CPU), global average
-    pool, head."""
+    """3x3 stride-2 convolutions, global average pool, head."""
     units = [Unit("conv", c, stride=2) for c in _positive_ints("channels", channels)]
     units[-1] = dataclasses.replace(units[-1], pool="global")
     return BNNet(units=tuple(units), **kw)
@@ -272,6 +286,8 @@ def build(arch: str, preset: str = "paper", *, bn: str | None = None, **kw) -> _
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
+    if kw.get("conv_impl", "auto") not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {kw['conv_impl']!r}; known: {', '.join(CONV_IMPLS)}")
     if bn is not None:
         if spec.bn is None:
             raise ValueError(f"preset {preset!r} has no BatchNorm to replace with {bn!r}")

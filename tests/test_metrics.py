@@ -53,3 +53,20 @@ def test_metrics_are_jit_safe(x64):
     per_group, total = f(grads, params)
     assert float(per_group["a"]) == 25.0 * 25.0 and float(per_group[G.VARIANT]) == 4.0
     assert float(total) == 629.0
+
+
+@pytest.mark.parametrize("theta", [1e-12, 1e-6, 0.3, 1.0, np.pi / 2, 2.5])
+def test_angle_is_accurate_over_the_range_of_rotations(x64, theta):
+    """A rotation by ``theta`` in a random plane of R^50, scaled by 3: the angle to round-off. Building
+    ``new`` rounds each of its 50 components (error <= eps/2 of each), which moves it by up to
+    ``sqrt(50) eps / 2`` relative, about 1e-15 rad: the absolute tolerance (2e-15). The measured
+    ``d = ||u - v||`` is summed directly: ~n eps relative (n = 50), so 1e-13 relative is ~10x that bound;
+    beyond pi/2 ``sqrt(4 - d^2)`` is still well conditioned at 2.5 rad (d^2 = 3.6). ``arccos`` of the
+    cosine would be off by ~1e-8 rad at the two smallest angles."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(50, 2)))
+    old = jnp.asarray(q[:, 0] * 2.0)
+    new = jnp.asarray((np.cos(theta) * q[:, 0] + np.sin(theta) * q[:, 1]) * 6.0)
+    labels = {"w": G.si("w")}
+    got = float(metrics.angular_update({"w": old}, {"w": new}, labels)["w"])
+    assert abs(got - theta) <= 2e-15 + 1e-13 * theta

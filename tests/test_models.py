@@ -112,7 +112,8 @@ def test_label_tree_mismatch_is_named():
 @pytest.mark.parametrize("bad", [dict(arch="transformer"), dict(preset="huge"), dict(bn="layernorm"),
                                  dict(preset="no_bn", bn="exact"), dict(widths=("a",)), dict(widths=(0,)),
                                  dict(widths=()), dict(arch="convnet", channels=(4, -1)),
-                                 dict(arch="vgg", config=("M", 4)), dict(arch="resnet", blocks_per_stage=0)])
+                                 dict(arch="vgg", config=("M", 4)), dict(arch="resnet", blocks_per_stage=0),
+                                 dict(arch="convnet", conv_impl="fft")])
 def test_build_rejects_unknown_names(bad):
     kw = dict(arch="mlp", preset="paper") | bad
     with pytest.raises(ValueError):
