@@ -246,6 +246,38 @@ def test_lanczos_breakdown_few_distinct_eigenvalues():
     assert np.all(zero == 0.0)
 
 
+def test_lanczos_unrolled():
+    """The unrolled iteration (chosen automatically when the operator contains a convolution; the loop
+    is checked above) gives the same Ritz values: on the HVP of a tiny conv loss against numpy.linalg.eigh
+    of its dense Hessian, and on the breakdown operator above (restarts taken)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 5, 5, 1)))
+
+    def loss(p):
+        dn = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(x, p["k"], (2, 2), "VALID", dimension_numbers=dn)
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    params = {"k": jnp.asarray(rng.standard_normal((2, 2, 1, 1)))}  # n = 4
+    mv = lambda v: C.hvp(loss, params, v)  # noqa: E731
+    flat, unravel = ravel_pytree(params)
+    assert C._contains_convolution(lambda t: ravel_pytree(mv(unravel(t)))[0], 4, flat.dtype)
+    assert not C._contains_convolution(lambda t: 2.0 * t, 4, flat.dtype)
+
+    lam = np.array([1.0] * 5 + [-2.0] * 3 + [4.0] * 4)
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    A = jnp.asarray((q * lam) @ q.T)
+
+    @jax.jit
+    def run(key):
+        return (C.lanczos(mv, params, 4, key), C.dense_hessian(loss, params),
+                C.lanczos(lambda v: A @ v, 12, 12, key, unroll=True))
+
+    ritz, H, theta = (np.asarray(r) for r in run(jax.random.PRNGKey(3)))
+    assert _rel(ritz, np.linalg.eigh(H)[0]) <= REL
+    assert _rel(theta, np.sort(lam)) <= REL
+
+
 def test_tangent_projector_mixed_tree():
     """P on a tree with a per-channel kernel, a group shared by two leaves, a variant and a frozen leaf:
     equals the explicit block projector (numpy), is symmetric and idempotent, and kills every w_i."""
