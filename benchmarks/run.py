@@ -171,6 +171,43 @@ def versions() -> dict[str, Any]:
     return out
 
 
+ALLOCATORS = ("system", "tcmalloc")
+TCMALLOC_CANDIDATES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    """Environment of the worker processes for host allocator ``name`` (one of :data:`ALLOCATORS`).
+
+    ``'system'``: glibc's malloc as it comes. ``'tcmalloc'``: gperftools' tcmalloc preloaded
+    (``LD_PRELOAD``, Debian package ``libtcmalloc-minimal4``) with ``TCMALLOC_RELEASE_RATE=0``, so freed
+    pages are kept for the next step. Why it matters: XLA and PyTorch allocate each step's buffers anew,
+    glibc serves the large ones with fresh ``mmap`` pages and returns them at ``free``, and every page is
+    then faulted in again on the next step (resnet at batch 128, one core: 33,000 minor faults, 136 MB,
+    73 ms of system time per step; with tcmalloc: none; benchmarks/README.md, host allocator). JAX and
+    PyTorch run in the same worker process, so both always get the same allocator.
+    """
+    if name == "system":
+        return {}
+    if name != "tcmalloc":
+        raise SystemExit(f"unknown allocator {name!r}; known: {', '.join(ALLOCATORS)}")
+    for lib_dir in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        for lib in TCMALLOC_CANDIDATES:
+            path = os.path.join(lib_dir, lib)
+            if os.path.exists(path):
+                return {"LD_PRELOAD": path, "TCMALLOC_RELEASE_RATE": "0"}
+    raise SystemExit("--allocator tcmalloc: no libtcmalloc_minimal.so.4 found; install the Debian package "
+                     "libtcmalloc-minimal4")
+
+
+def loaded_allocator() -> str:
+    """``'tcmalloc'`` if this process has tcmalloc mapped (the preload took effect), else ``'system'``."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "tcmalloc" if "libtcmalloc" in f.read() else "system"
+    except OSError:
+        return "unknown"
+
+
 # ------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
@@ -479,6 +516,7 @@ def run_worker(args) -> None:
     else:
         out = fn[args.worker](args)
     out["affinity"] = sorted(os.sched_getaffinity(0))
+    out["allocator"] = loaded_allocator()
     with open(args.json, "w") as f:
         json.dump(out, f)
 
@@ -487,12 +525,21 @@ def run_worker(args) -> None:
 # Orchestration.
 
 
+_WORKER_ENV: dict[str, str] = {}  # the allocator's environment, set by orchestrate for every subprocess
+
+
+def _worker_environ() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)
+    e.update(_WORKER_ENV)
+    return e
+
+
 def _spawn(worker: str, extra: list[str], *, env: dict | None = None, timeout: float = 1800) -> dict:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "out.json")
         cmd = [sys.executable, "-m", "benchmarks.run", "--worker", worker, "--json", path, *extra]
-        e = dict(os.environ)
-        e.pop("XLA_FLAGS", None)
+        e = _worker_environ()
         e.update(env or {})
         e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
         t0 = time.perf_counter()
@@ -502,6 +549,8 @@ def _spawn(worker: str, extra: list[str], *, env: dict | None = None, timeout: f
         with open(path) as f:
             out = json.load(f)
         out["worker_wall_s"] = time.perf_counter() - t0
+        if "LD_PRELOAD" in _WORKER_ENV and out.get("allocator") != "tcmalloc":
+            return {"error": f"worker {worker}: {_WORKER_ENV['LD_PRELOAD']} was preloaded but is not mapped"}
         return out
 
 
@@ -509,8 +558,7 @@ def _proofs(quick: bool, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "proofs_check", "--out"]
     with tempfile.TemporaryDirectory() as d:
         cmd += [d] + (["--quick"] if quick else [])
-        e = dict(os.environ)
-        e.pop("XLA_FLAGS", None)
+        e = _worker_environ()
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=e, timeout=timeout, capture_output=True, text=True)
@@ -535,8 +583,11 @@ def orchestrate(args) -> dict:
     cores = len(os.sched_getaffinity(0))
     models = args.models
     batches = args.batches
+    _WORKER_ENV.clear()
+    _WORKER_ENV.update(allocator_env(args.allocator))
     result = {"suite": "rate_tuning benchmarks", "mode": "quick" if args.quick else "full",
               "hardware": hardware(), "versions": versions(),
+              "allocator": {"name": args.allocator, "env": dict(_WORKER_ENV)},
               "settings": {"repeats": args.repeats, "min_time_s": args.min_time, "models": MODEL_NOTES,
                            "batches": batches, "torch_threads": args.torch_threads or cores,
                            "preset": "paper (exact BN, eps=0, two-pass variance)", "lr_w": LR, "lr_g": LR,
@@ -649,12 +700,20 @@ def _train_table(entries: list[dict], parallel: list[dict], clock: str) -> list[
     return out
 
 
+def _allocator_note(result: dict) -> str:
+    a = result.get("allocator") or {"name": "system"}
+    if a["name"] == "system":
+        return "glibc malloc (system default)"
+    return f"tcmalloc ({', '.join(f'{k}={v}' for k, v in a['env'].items())})"
+
+
 def markdown(result: dict) -> str:
     hw, v = result["hardware"], result["versions"]
     s = result["sections"]
     lines = [f"# Benchmarks ({result['mode']}), {hw['date']}", "",
              f"- Hardware: {hw['cpu_model']} ({hw['processor']}), {hw['cores']} cores, "
              f"{hw.get('mem_gib', '?')} GiB; {hw['platform']}",
+             f"- Host allocator (JAX and PyTorch alike): {_allocator_note(result)}",
              f"- Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in hw['loadavg'])}, at end "
              f"{', '.join(f'{x:.1f}' for x in hw.get('loadavg_end', []))} (the machine is shared; see the "
              "per-core table for load-robust numbers)",
@@ -738,6 +797,9 @@ def parse_args(argv=None):
                    help="OMP_WAIT_POLICY of the wall-clock PyTorch workers (default PASSIVE: on a shared machine "
                         "OpenMP's spinning threads collapse PyTorch's 2-thread throughput up to 60x; '' keeps "
                         "the library default, ACTIVE)")
+    p.add_argument("--allocator", default="system", choices=ALLOCATORS,
+                   help="host allocator of every worker (JAX and PyTorch alike): glibc's as it comes, or "
+                        "tcmalloc preloaded (libtcmalloc-minimal4), which keeps freed pages for the next step")
     p.add_argument("--name", default=None, help="result file stem (default: <backend>_<quick|full>)")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the Markdown of a results JSON")
     # worker-only

@@ -25,6 +25,10 @@ See :class:`SweepResult` for the per-channel convention. Runs that diverge (``lr
 claim C15) are flagged in ``diverged`` and fill their own records with NaN/Inf; the other runs are
 unaffected (there is no reduction across runs).
 
+Conv models on CPU: steps run inside ``lax.scan``, where XLA's CPU backend runs convolutions on a naive
+kernel (jax-ml/jax#12868; ~30x slower): build them with ``conv_impl='im2col'``
+(:data:`rate_tuning.models.CONV_IMPLS`).
+
 For BN networks, :func:`bn_problem` turns a linen model into ``loss_fn``/``init_fn`` in train mode and
 :func:`minibatch_fn` gives a pure ``batch_fn`` with the training loop's mini-batch order.
 
