@@ -317,10 +317,13 @@ def worker_train(args) -> dict:
 
         res["torch_config"] = {"mkldnn": torch.backends.mkldnn.is_available(),
                                "num_threads": torch.get_num_threads()}
+    from benchmarks import flops
+
+    dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" or args.bf16 else [])
+    res["matmul"] = {dt: flops.matmul_flops_per_s(dt, clock=_clock(args.clock)) for dt in dtypes}
     for arch in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             runners, checks, meta = {}, {}, {}
-            dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" or args.bf16 else [])
             for dt in dtypes:
                 name = f"jax/{dt}"
                 runners[name], checks[name] = _jax_runner(arch, batch, dtype=dt)
@@ -352,11 +355,27 @@ def worker_train(args) -> dict:
                 if name in checks:  # dispatch-cache signatures: 2 = the first call's Python int step + arrays
                     entry["jit_cache_entries"] = checks[name]()
                     entry["traces_checked"] = "chex.assert_max_traces(n=1)"
+                    entry.update(_utilisation(arch, batch, entry, res["matmul"][entry["dtype"]]))
                 res["entries"].append(entry)
             print(f"  {arch:8s} batch {batch:5d}: " + "  ".join(
                 f"{n} {res['entries'][-len(timed) + i]['examples_per_s']:.0f} ex/s"
                 for i, n in enumerate(timed)), file=sys.stderr, flush=True)
     return res
+
+
+def _utilisation(arch: str, batch: int, entry: dict, matmul: dict) -> dict:
+    """Model FLOPs of the step (:func:`benchmarks.flops.train_flops`), the FLOP/s they run at, and that as a
+    fraction of the measured ``N x N`` matmul throughput of the same dtype."""
+    from benchmarks import flops
+
+    model, _, _, state, x, _, jdt = _jax_setup(arch, batch, entry["dtype"])
+    import jax.numpy as jnp
+
+    per_step = flops.train_flops(model, {"params": state.params, "batch_stats": state.batch_stats},
+                                 jnp.asarray(x, jdt))
+    rate = per_step * entry["steps_per_s"]
+    return {"model_flops_per_step": per_step, "model_flops_per_s": rate, "matmul_n": matmul["n"],
+            "matmul_flops_per_s": matmul["flops_per_s"], "fraction_of_matmul": rate / matmul["flops_per_s"]}
 
 
 def worker_parallel(args) -> dict:
@@ -700,6 +719,22 @@ def _train_table(entries: list[dict], parallel: list[dict], clock: str) -> list[
     return out
 
 
+def _utilisation_table(entries: list[dict], title: str) -> list[str]:
+    rows = [e for e in entries if e.get("framework") == "jax" and "fraction_of_matmul" in e]
+    if not rows:
+        return []
+    out = [f"### {title}: model FLOPs against the measured matmul throughput", "",
+           "Model FLOPs: 3 x the forward pass's matrix products and convolutions (`benchmarks/flops.py`); matmul: "
+           "a jitted N x N product of the same dtype, same clock.", "",
+           "| model | batch | dtype | GFLOP per step | achieved GFLOP/s | matmul GFLOP/s (N) | fraction |",
+           "|---|---|---|---|---|---|---|"]
+    for e in rows:
+        out.append(f"| {e['model']} | {e['batch']} | {e['dtype']} | {e['model_flops_per_step'] / 1e9:.2f} | "
+                   f"{e['model_flops_per_s'] / 1e9:.1f} | {e['matmul_flops_per_s'] / 1e9:.1f} ({e['matmul_n']}) | "
+                   f"**{e['fraction_of_matmul']:.2f}** |")
+    return out + [""]
+
+
 def _allocator_note(result: dict) -> str:
     a = result.get("allocator") or {"name": "system"}
     if a["name"] == "system":
@@ -733,6 +768,7 @@ def markdown(result: dict) -> str:
         if s["train"].get("errors"):
             lines += ["", "Errors: " + "; ".join(s["train"]["errors"])]
         lines.append("")
+        lines += _utilisation_table(s["train"]["entries"], "All cores, wall clock")
     if "parity" in s and "entries" in s["parity"]:
         lines += ["Parity (the PyTorch peer computes the same step): one two-rate SGD step in float64 from the same "
                   "params, batch 16: " + "; ".join(
@@ -742,6 +778,7 @@ def markdown(result: dict) -> str:
         lines += ["## Train step, one core, one thread each, CPU time (load-robust)", ""]
         lines += _train_table(s["percore"]["entries"], [], "cpu")
         lines.append("")
+        lines += _utilisation_table(s["percore"]["entries"], "One core, CPU time")
     if "curvature" in s and "entries" in s["curvature"]:
         lines += ["## Curvature cost relative to one gradient (batch 128, float32)", ""]
         if s["curvature"].get("note"):
