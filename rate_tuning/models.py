@@ -37,11 +37,12 @@ from rate_tuning import groups as G
 from rate_tuning import layers
 
 GROUPINGS = ("layer", "channel")
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "im2col", "chunked")
 """How convolutions are computed: ``'xla'`` (``lax.conv_general_dilated``), ``'im2col'``
-(:func:`rate_tuning.layers.conv_im2col`: patches times kernel), or ``'auto'``: im2col for strided
-convolutions on the CPU backend, where it is faster, XLA's convolution everywhere else. Same parameters,
-same function: they agree to round-off.
+(:func:`rate_tuning.layers.conv_im2col`: patches times kernel), ``'chunked'`` (XLA's, with the kernel
+gradient summed over batch chunks: :func:`rate_tuning.layers.conv_chunked_kernel_grad`), or ``'auto'``: on
+the CPU backend im2col for strided convolutions and chunked for the others, where each is faster; XLA's
+convolution on other backends. Same parameters, same function: they agree to round-off.
 
 Inside a loop body (``lax.scan``, ``fori_loop``: :mod:`rate_tuning.sweep`, ``proofs_check`` trajectories)
 XLA's CPU backend runs convolutions on a naive kernel (it canonicalises convolution layouts only in the
@@ -120,9 +121,10 @@ class _BNNetBase(nn.Module):
         """The ``conv_general_dilated`` of a layer with this stride (None: flax's default), by :data:`CONV_IMPLS`."""
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"unknown conv_impl {self.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
-        im2col = self.conv_impl == "im2col" or (self.conv_impl == "auto" and stride > 1
-                                                 and jax.default_backend() == "cpu")
-        return layers.conv_im2col if im2col else None
+        impl = self.conv_impl
+        if impl == "auto":
+            impl = "xla" if jax.default_backend() != "cpu" else "im2col" if stride > 1 else "chunked"
+        return {"xla": None, "im2col": layers.conv_im2col, "chunked": layers.conv_chunked_kernel_grad}[impl]
 
     def _head(self, x, train):
         x = x.reshape(x.shape[0], -1)

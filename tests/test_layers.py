@@ -91,8 +91,9 @@ CONVS = [  # (h, w, c_in, c_out, kernel, stride, padding)
 @pytest.mark.parametrize("h,w,c,f,k,s,pad", CONVS)
 def test_im2col_convolution_equals_flax_conv(x64, h, w, c, f, k, s, pad):
     x = jnp.asarray(RNG.normal(size=(2, h, w, c)))
-    plain = nn.Conv(f, (k, k), strides=s, padding=pad, use_bias=False)
-    fast = nn.Conv(f, (k, k), strides=s, padding=pad, use_bias=False, conv_general_dilated=layers.conv_im2col)
+    plain = nn.Conv(f, (k, k), strides=s, padding=pad, use_bias=False, param_dtype=jnp.float64)
+    fast = nn.Conv(f, (k, k), strides=s, padding=pad, use_bias=False, param_dtype=jnp.float64,
+                   conv_general_dilated=layers.conv_im2col)
     p = plain.init(jax.random.key(0), x)
     loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
     kernel = p["params"]["kernel"]
@@ -127,7 +128,8 @@ def test_reshape_max_pool_equals_flax_max_pool_and_its_gradient_after_relu(x64):
 
 @pytest.mark.parametrize("arch,kw", [("convnet", dict(channels=(4, 6))), ("resnet", dict(stage_channels=(4, 6))),
                                      ("vgg", dict(config=(4, "M", 6, "M")))])
-def test_conv_impls_give_the_same_model(x64, arch, kw):
+def test_conv_impls_give_the_same_model(x64, monkeypatch, arch, kw):
+    monkeypatch.setattr(layers, "KERNEL_GRAD_CHUNK", 3)  # batch 8: the chunked kernel gradient is exercised
     x = jnp.asarray(RNG.normal(size=(8, 8, 8, 3)))
     y = jnp.asarray(RNG.integers(0, 10, size=8))
     results = {}
@@ -144,3 +146,27 @@ def test_conv_impls_give_the_same_model(x64, arch, kw):
         assert abs(float(loss - ref_loss)) <= 1e-12, impl
         diff = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grad, ref_grad)
         assert max(jax.tree_util.tree_leaves(diff)) <= 1e-12, impl
+
+
+@pytest.mark.parametrize("s,pad", [(1, "SAME"), (2, "VALID")])
+def test_chunked_kernel_gradient_equals_the_plain_one(x64, monkeypatch, s, pad):
+    """Batch 8 in chunks of 3 (3 + 3 + 2): values, both gradients and a Hessian-vector product (forward over
+    reverse, through the custom JVP) equal flax's plain convolution. Each side sums the same products in
+    another order: dK sums N h w products (both sides within gamma_{N h w} of exact), the HVP twice that."""
+    monkeypatch.setattr(layers, "KERNEL_GRAD_CHUNK", 3)
+    x = jnp.asarray(RNG.normal(size=(8, 6, 6, 2)))
+    plain = nn.Conv(3, (3, 3), strides=s, padding=pad, use_bias=False, param_dtype=jnp.float64)
+    fast = nn.Conv(3, (3, 3), strides=s, padding=pad, use_bias=False, param_dtype=jnp.float64,
+                   conv_general_dilated=layers.conv_chunked_kernel_grad)
+    p = plain.init(jax.random.key(0), x)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    np.testing.assert_array_equal(fast.apply(p, x), plain.apply(p, x))  # the forward is XLA's own
+    tol = 2 * numerics.gamma(8 * 6 * 6, jnp.float64) * float(
+        max(jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(p["params"]["kernel"]))))
+    for got, want in zip(jax.tree_util.tree_leaves(jax.grad(loss(fast), (0, 1))(p, x)),
+                         jax.tree_util.tree_leaves(jax.grad(loss(plain), (0, 1))(p, x))):
+        assert float(jnp.max(jnp.abs(got - want))) <= tol
+    t = jax.tree_util.tree_map(lambda a: jnp.asarray(RNG.normal(size=a.shape)), p)
+    hvp = lambda m: jax.jvp(lambda p: jax.grad(loss(m))(p, x), (p,), (t,))[1]
+    got, want = hvp(fast)["params"]["kernel"], hvp(plain)["params"]["kernel"]
+    assert float(jnp.max(jnp.abs(got - want))) <= 2 * tol * (1 + float(jnp.sum(jnp.abs(t["params"]["kernel"]))))
