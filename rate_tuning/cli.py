@@ -6,6 +6,7 @@ Usage::
     rate-tuning train --config digits lr_w=100 --workdir runs/big-lr
     rate-tuning train --config fashion_mnist data_kwargs.path=/data/fmnist arch_kwargs.widths=128,128
     rate-tuning train --config digits lr_w=100 --workdir runs/big-lr --resume   # continue a killed run
+    rate-tuning train --config digits --devices 2          # data-parallel over 2 devices
     rate-tuning configs                                    # the configs, one line each
 
 Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one line
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --workdir from its newest valid checkpoint (give the same "
                             "config and overrides; checkpoint_every and keep_checkpoints may change)")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.add_argument("--devices", type=int, default=None, metavar="N",
+                       help="data-parallel over N devices (batch sharded, BN statistics over the global batch); "
+                            "on a CPU host, N virtual devices share its cores")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. lr_w=100 steps=2000 arch_kwargs.widths=64,64")
     sub.add_parser("configs", help="list the configs")
@@ -87,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {description}")
         return 0
 
+    if args.command == "train" and args.devices is not None:
+        if args.devices < 1:
+            return _fail(f"--devices must be a positive integer, got {args.devices}")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", max(args.devices, 1))  # before JAX's first computation
+
     from rate_tuning import train
 
     if args.resume and not args.workdir:
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = configs.override(configs.get(args.config), args.overrides)
         workdir = args.workdir or os.path.join("runs", f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
-        train.train_and_evaluate(config, workdir, verbose=not args.quiet, resume=args.resume)
+        train.train_and_evaluate(config, workdir, verbose=not args.quiet, resume=args.resume, devices=args.devices)
     except ValueError as e:  # ConfigError, DataError, LabelError, CheckpointError and the library's ValueErrors
         return _fail(str(e) or type(e).__name__)
     except train.DivergenceError as e:

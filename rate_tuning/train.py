@@ -702,7 +702,8 @@ def divergence_message(step: int, flags, groups: list[tuple[str, str]], lr_w: fl
     return f"diverged at step {step}: {what}; {kept}", [groups[i][0] for i in idx]
 
 
-def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, resume: bool = False) -> dict[str, Any]:
+def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, resume: bool = False,
+                       devices: int | None = None) -> dict[str, Any]:
     """Train ``config.steps`` steps, evaluating on the test split every ``config.eval_every`` steps and
     at the end; write ``workdir/metrics.jsonl``, ``workdir/checkpoints/`` and ``workdir/summary.json``;
     return the summary.
@@ -734,6 +735,13 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
     run in ``workdir``, or for ``resume`` a missing, corrupt or mismatched checkpoint) is checked before
     anything is written, so such a failure leaves no output and changes nothing.
 
+    With ``devices = n > 1`` the step runs data-parallel over the first ``n`` devices of this process
+    (:mod:`rate_tuning.parallel`: batch sharded along ``'data'``, state replicated, BN statistics over the
+    global batch): the same run to round-off, not to the bit; the batch (the training split for full-batch
+    GD) must divide evenly over the devices. On CPU, ``n`` virtual devices need
+    ``jax.config.update('jax_num_cpu_devices', n)`` before JAX's first computation (``rate-tuning train
+    --devices n`` does it). A run may be resumed with another device count (it continues to round-off).
+
     Raises:
       ConfigError, DataError, LabelError, CheckpointError, MetricsError (all ``ValueError``): bad inputs,
         one-line messages.
@@ -755,8 +763,19 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
                               f"{ckpt.step_name(found.step)} in {'; '.join(diff)}")
     else:
         _check_workdir(workdir)
+    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+        raise ConfigError(f"devices must be a positive integer, got {devices!r}")
+    mesh = None
+    if devices is not None and devices > 1:
+        from rate_tuning import parallel
+
+        mesh = parallel.data_mesh(devices)
     with precision(config.dtype):
         dataset = load_dataset(config)
+        global_batch = config.batch_size or len(dataset.x_train)
+        if mesh is not None and global_batch % devices:
+            raise ConfigError(f"batch of {global_batch} examples is not divisible by the {devices} devices "
+                              f"(batch_size={config.batch_size}; use a multiple of {devices})")
         key = jax.random.key(config.seed)
         setup = create_train_state(config, dataset, key)
         state, model, labels, lr_w, lr_g = setup
@@ -770,7 +789,11 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
             state = state.replace(step=jnp.asarray(int(tree["step"]), jnp.int32), params=tree["params"],
                                   batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
         batch = batch_fn(config, dataset)
-        train_step = make_train_step(model, labels, lr_w, check_finite=True)
+        if mesh is None:
+            train_step = make_train_step(model, labels, lr_w, check_finite=True)
+        else:
+            state = parallel.replicate(mesh, state)
+            train_step = parallel.make_parallel_train_step(model, labels, lr_w, mesh, check_finite=True)
         eval_step = make_eval_step(model)
         bn = config.bn or models.PRESETS[config.preset].bn
         groups = finite_groups(state.params, labels)
@@ -882,6 +905,7 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
             "resumed_from_step": found.step if found is not None else None,
             "checkpoint": os.path.relpath(final, workdir),
             "config": dataclasses.asdict(config),
+            "data_parallel_devices": devices or 1,
             **environment(),
         })
     write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)

@@ -200,3 +200,38 @@ def test_train_synthetic_end_to_end_into_the_default_workdir(tmp_path):
     assert summary["config"]["steps"] == 40 and summary["steps"] == 40
     assert summary["test_accuracy"] == records[-1]["accuracy"] > 0.5  # 4 classes: chance is 0.25
     assert summary["backend"] and summary["jax"] and summary["wall_time_s"] > 0
+
+
+def _train(tmp_path, name, *extra):
+    proc = subprocess.run([sys.executable, "-m", "rate_tuning.cli", "train", "--config", "digits", "steps=12",
+                           "log_every=4", "dtype=float64", "--quiet", "--workdir", str(tmp_path / name), *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def test_data_parallel_run_is_the_one_device_run_to_round_off(tmp_path):
+    """--devices 2 (2 virtual CPU devices): batch sharded, BN statistics over the global batch. In float64
+    the metrics stream and the summary equal the one-device run's to 1e-12 relative (the same sums split in
+    two and all-reduced: round-off of ~100-term sums, ~1e-14, over 12 steps of a well-conditioned MLP)."""
+    one, two = _train(tmp_path, "one"), _train(tmp_path, "two", "--devices", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two")]
+    assert summaries[0]["data_parallel_devices"] == 1 and summaries[1]["data_parallel_devices"] == 2
+    assert summaries[1]["device_count"] == 2
+    streams = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+               for n in ("one", "two")]
+    assert [(r["step"], r["split"]) for r in streams[0]] == [(r["step"], r["split"]) for r in streams[1]]
+    for a, b in zip(*streams):
+        for key, value in a.items():
+            if isinstance(value, float) and key != "lemma24_residual":  # itself round-off
+                assert b[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
+    for key in ("final_train_loss", "test_loss", "train_eval_loss"):
+        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-12)
+
+
+@pytest.mark.parametrize("devices,message", [("3", "not divisible by the 3 devices"),
+                                             ("0", "--devices must be a positive integer")])
+def test_bad_device_count_is_one_line_exit_2_and_writes_nothing(tmp_path, devices, message):
+    proc = _train(tmp_path, "bad", "--devices", devices)  # digits: batch 128
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
