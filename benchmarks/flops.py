@@ -9,14 +9,12 @@ one product for the input gradient and one for the weight gradient per layer; th
 gradient, which is not needed, is counted too). Element-wise work (BN, activations, the update) is not
 counted: the figure is the fraction of the chip's matrix throughput that the step's matrix products reach.
 
-``matmul_flops_per_s`` measures that throughput: a jitted ``N x N @ N x N`` in ``dtype``, median of
-repeats after warm-up.
+``matmul_runner`` is what measures that throughput: a jitted ``N x N @ N x N`` in ``dtype``, timed by the
+suite (``benchmarks.run.measure``: warm-up, calibration, median of repeats).
 """
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any, Callable
 
 
@@ -58,10 +56,9 @@ def train_flops(model, variables, x) -> int:
     return 3 * forward_flops(forward, variables, x)
 
 
-def matmul_flops_per_s(dtype: str = "float32", n: int | None = None, *, repeats: int = 7,
-                       min_time: float = 0.2, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
-    """Measured FLOP/s of a jitted ``n x n`` matrix product (default ``n``: 1024 on CPU, 8192 elsewhere),
-    timed with ``clock`` (the benchmark's: wall, or CPU time for the one-core runs)."""
+def matmul_runner(dtype: str = "float32", n: int | None = None) -> tuple[Callable[[int], Any], int, int]:
+    """``(run(k), flops_per_call, n)``: ``run(k)`` does ``k`` jitted ``n x n`` products in ``dtype`` and blocks
+    (default ``n``: 1024 on CPU, 8192 elsewhere); timed by the suite's ``measure`` like every entry."""
     import jax
     import jax.numpy as jnp
 
@@ -71,17 +68,11 @@ def matmul_flops_per_s(dtype: str = "float32", n: int | None = None, *, repeats:
     a = jax.random.normal(jax.random.key(0), (n, n), jdt)
     b = jax.random.normal(jax.random.key(1), (n, n), jdt)
     mm = jax.jit(lambda a, b: a @ b)
-    for _ in range(2):
-        jax.block_until_ready(mm(a, b))
-    t0 = clock()
-    jax.block_until_ready(mm(a, b))
-    calls = max(1, math.ceil(min_time / max(clock() - t0, 1e-6)))
-    samples = []
-    for _ in range(repeats):
-        t0 = clock()
-        for _ in range(calls):
+
+    def run(k):
+        out = None
+        for _ in range(k):
             out = mm(a, b)
         jax.block_until_ready(out)
-        samples.append((clock() - t0) / calls)
-    median = statistics.median(samples)
-    return {"n": n, "dtype": dtype, "median_s": median, "flops_per_s": 2 * n ** 3 / median}
+
+    return run, 2 * n ** 3, n

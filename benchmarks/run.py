@@ -235,15 +235,19 @@ def _jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0):
 
 
 def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
-    """``(run(n), check())``: ``n`` train steps of the jitted step, blocking at the end (every step on a
-    mesh); ``check()`` returns the number of compiled entries (must be 1)."""
+    """``(run(n), check(), step_flops())``: ``n`` train steps of the jitted step, blocking at the end (every
+    step on a mesh); ``check()`` returns the number of compiled entries (must be 1); ``step_flops()`` the
+    model FLOPs of one step (:func:`benchmarks.flops.train_flops`)."""
     import chex
     import jax
     import jax.numpy as jnp
 
     from rate_tuning import parallel, train
 
+    from benchmarks import flops
+
     model, labels, lr_w, state, x, y, jdt = _jax_setup(arch, batch, dtype)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     chex.clear_trace_counter()
     if mesh is None:
         step = train.make_train_step(model, labels, lr_w, max_traces=1)
@@ -265,7 +269,7 @@ def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
         jax.block_until_ready(s.params)
         box[0] = s
 
-    return run, (lambda: jitted._cache_size())
+    return run, (lambda: jitted._cache_size()), (lambda: flops.train_flops(model, variables, jnp.asarray(x, jdt)))
 
 
 def _torch_runner(arch, batch, *, channels_last=False, compile=False):
@@ -317,16 +321,14 @@ def worker_train(args) -> dict:
 
         res["torch_config"] = {"mkldnn": torch.backends.mkldnn.is_available(),
                                "num_threads": torch.get_num_threads()}
-    from benchmarks import flops
-
     dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" or args.bf16 else [])
-    res["matmul"] = {dt: flops.matmul_flops_per_s(dt, clock=_clock(args.clock)) for dt in dtypes}
+    res["matmul"] = {dt: _matmul_throughput(dt, args) for dt in dtypes}
     for arch in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
-            runners, checks, meta = {}, {}, {}
+            runners, checks, step_flops, meta = {}, {}, {}, {}
             for dt in dtypes:
                 name = f"jax/{dt}"
-                runners[name], checks[name] = _jax_runner(arch, batch, dtype=dt)
+                runners[name], checks[name], step_flops[name] = _jax_runner(arch, batch, dtype=dt)
                 meta[name] = {"framework": "jax", "dtype": dt, "variant": "jit"}
             if have_torch:
                 layouts = [False, True] if args.torch_layouts == "both" else [args.torch_layouts == "channels_last"]
@@ -355,7 +357,7 @@ def worker_train(args) -> dict:
                 if name in checks:  # dispatch-cache signatures: 2 = the first call's Python int step + arrays
                     entry["jit_cache_entries"] = checks[name]()
                     entry["traces_checked"] = "chex.assert_max_traces(n=1)"
-                    entry.update(_utilisation(arch, batch, entry, res["matmul"][entry["dtype"]]))
+                    entry.update(_utilisation(step_flops[name](), entry, res["matmul"][entry["dtype"]]))
                 res["entries"].append(entry)
             print(f"  {arch:8s} batch {batch:5d}: " + "  ".join(
                 f"{n} {res['entries'][-len(timed) + i]['examples_per_s']:.0f} ex/s"
@@ -363,16 +365,19 @@ def worker_train(args) -> dict:
     return res
 
 
-def _utilisation(arch: str, batch: int, entry: dict, matmul: dict) -> dict:
-    """Model FLOPs of the step (:func:`benchmarks.flops.train_flops`), the FLOP/s they run at, and that as a
-    fraction of the measured ``N x N`` matmul throughput of the same dtype."""
+def _matmul_throughput(dtype: str, args) -> dict:
+    """FLOP/s of a jitted N x N product (:func:`benchmarks.flops.matmul_runner`), timed like every entry."""
     from benchmarks import flops
 
-    model, _, _, state, x, _, jdt = _jax_setup(arch, batch, entry["dtype"])
-    import jax.numpy as jnp
+    run, per_call, n = flops.matmul_runner(dtype)
+    t = measure({"matmul": run}, repeats=args.repeats, min_time=args.min_time, clock=args.clock)["matmul"]
+    median = summarize(t["samples"], t["n"])["median_s"]
+    return {"n": n, "dtype": dtype, "median_s": median, "flops_per_s": per_call / median}
 
-    per_step = flops.train_flops(model, {"params": state.params, "batch_stats": state.batch_stats},
-                                 jnp.asarray(x, jdt))
+
+def _utilisation(per_step: int, entry: dict, matmul: dict) -> dict:
+    """Model FLOPs of the step, the FLOP/s they run at, and that as a fraction of the measured ``N x N``
+    matmul throughput of the same dtype."""
     rate = per_step * entry["steps_per_s"]
     return {"model_flops_per_step": per_step, "model_flops_per_s": rate, "matmul_n": matmul["n"],
             "matmul_flops_per_s": matmul["flops_per_s"], "fraction_of_matmul": rate / matmul["flops_per_s"]}
@@ -388,7 +393,7 @@ def worker_parallel(args) -> dict:
            "entries": []}
     for arch in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
-            run, check = _jax_runner(arch, batch, mesh=mesh)
+            run, check, _ = _jax_runner(arch, batch, mesh=mesh)
             t = measure({"p": run}, repeats=args.repeats, min_time=args.min_time, clock=args.clock)["p"]
             entry = {"model": arch, "batch": batch, "framework": "jax", "dtype": "float32",
                      "variant": f"data-parallel x{jax.device_count()}", "devices": jax.device_count(),

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--devices must be a positive integer, got {args.devices}")
         import jax
 
-        jax.config.update("jax_num_cpu_devices", max(args.devices, 1))  # before JAX's first computation
+        jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's first computation
 
     from rate_tuning import train
 

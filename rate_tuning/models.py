@@ -119,9 +119,7 @@ class _BNNetBase(nn.Module):
 
     def _conv_function(self, stride: int):
         """The ``conv_general_dilated`` of a layer with this stride (None: flax's default), by :data:`CONV_IMPLS`."""
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"unknown conv_impl {self.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
-        impl = self.conv_impl
+        impl = _check_conv_impl(self.conv_impl)
         if impl == "auto":
             impl = "xla" if jax.default_backend() != "cpu" else "im2col" if stride > 1 else "chunked"
         return {"xla": None, "im2col": layers.conv_im2col, "chunked": layers.conv_chunked_kernel_grad}[impl]
@@ -235,6 +233,13 @@ class ResNet(_BNNetBase):
         return tree
 
 
+def _check_conv_impl(name: str) -> str:
+    """``name`` if it is one of :data:`CONV_IMPLS`, else a ``ValueError`` listing them."""
+    if name not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {name!r}; known: {', '.join(CONV_IMPLS)}")
+    return name
+
+
 def _positive_ints(name: str, values) -> tuple[int, ...]:
     """``values`` as a non-empty tuple of positive ints, or a ``ValueError`` naming ``name``."""
     values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
@@ -294,8 +299,7 @@ def build(arch: str, preset: str = "paper", *, bn: str | None = None, **kw) -> _
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     spec = PRESETS[preset]
-    if kw.get("conv_impl", "auto") not in CONV_IMPLS:
-        raise ValueError(f"unknown conv_impl {kw['conv_impl']!r}; known: {', '.join(CONV_IMPLS)}")
+    _check_conv_impl(kw.get("conv_impl", "auto"))
     if bn is not None:
         if spec.bn is None:
             raise ValueError(f"preset {preset!r} has no BatchNorm to replace with {bn!r}")
