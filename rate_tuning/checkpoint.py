@@ -161,9 +161,18 @@ def _remove(directory: str, name: str) -> None:
 
 
 def _orbax_checkpointer():
+    """orbax's checkpointer for this process alone: with several JAX processes (multi-host runs write from
+    process 0 only, numpy trees) orbax is told that no other process takes part, so it waits at no
+    cross-process barrier."""
+    import jax
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f"rate_tuning_{me}")
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=options)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ Usage::
     rate-tuning train --config fashion_mnist data_kwargs.path=/data/fmnist arch_kwargs.widths=128,128
     rate-tuning train --config digits lr_w=100 --workdir runs/big-lr --resume   # continue a killed run
     rate-tuning train --config digits --devices 2          # data-parallel over 2 devices
+    rate-tuning train --config digits --workdir runs/mh --coordinator 10.0.0.1:1234 --num-processes 2 \
+        --process-id 0                                     # on host 0 (and --process-id 1 on host 1)
     rate-tuning configs                                    # the configs, one line each
 
 Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one line
@@ -21,6 +23,15 @@ Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one
 * 3: the run diverged (a non-finite loss, gradient or parameter): the message names the step and the
   parameter groups; the metrics up to that step and the checkpoints before it are kept.
 * 130: interrupted (Ctrl-C); resume it with ``--resume``.
+
+Several processes (multi-host, ``jax.distributed``): start the same command in every process, with
+``--coordinator`` (process 0's ``host:port``), ``--num-processes`` and each its own ``--process-id``. The
+step runs data-parallel over all devices of all processes (each process places its own slice of the global
+batch). Only process 0 reads and writes ``--workdir`` (metrics, checkpoints, summary; for ``--resume`` it
+reads the checkpoint and passes it to the others); every process needs the dataset. Every process checks its
+inputs, and they agree before anything is written: if one fails, each exits with status 2 and a one-line
+error (``process k of n stopped: ...`` in the others). With ``--devices N`` each process has N virtual CPU
+devices; on GPU each process uses the GPUs it sees (restrict them with ``CUDA_VISIBLE_DEVICES``).
 """
 from __future__ import annotations
 
@@ -66,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--devices", type=int, default=None, metavar="N",
                        help="data-parallel over N devices (batch sharded, BN statistics over the global batch); "
                             "on a CPU host, N virtual devices share its cores")
+    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="several processes: process 0's address for jax.distributed (with --num-processes "
+                            "and --process-id)")
+    train.add_argument("--num-processes", type=int, default=None, metavar="N", help="several processes: how many")
+    train.add_argument("--process-id", type=int, default=None, metavar="I",
+                       help="several processes: this one's index in [0, N); process 0 writes the workdir")
+    train.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="several processes: seconds to wait for all of them to join (default 300)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. lr_w=100 steps=2000 arch_kwargs.widths=64,64")
     sub.add_parser("configs", help="list the configs")
@@ -91,12 +110,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {description}")
         return 0
 
-    if args.command == "train" and args.devices is not None:
+    if args.devices is not None:
         if args.devices < 1:
             return _fail(f"--devices must be a positive integer, got {args.devices}")
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's first computation
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in distributed):
+        if any(v is None for v in distributed):
+            return _fail("several processes need all of --coordinator, --num-processes and --process-id")
+        from rate_tuning import parallel
+
+        try:
+            parallel.distributed_initialize(*distributed, initialization_timeout=args.init_timeout)
+        except ValueError as e:
+            return _fail(str(e))
+        args.devices = None  # the mesh spans every device of every process
 
     from rate_tuning import train
 

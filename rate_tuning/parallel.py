@@ -36,6 +36,8 @@ Paper: the step is the two-rate (S)GD of Lemma 2.4 (Arora, Li & Lyu, ICLR 2019) 
 from __future__ import annotations
 
 import re
+import socket
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -224,12 +226,19 @@ def distributed_initialize(coordinator: str, num_processes: int, process_id: int
       local_device_ids: restrict this process to these local devices (GPU), as in JAX.
       initialization_timeout: seconds to wait for every process to connect.
 
+    JAX aborts the process (a fatal error, not an exception) when the coordination service cannot be
+    reached or started, so the two failures that can be seen beforehand are reported here first: for
+    process 0 a port already in use; for the others no coordinator listening within
+    ``initialization_timeout`` seconds.
+
     Raises:
-      ParallelError: a malformed address, a bad count or index, or JAX already initialised.
+      ParallelError: a malformed address, a bad count or index, JAX already initialised, the port in use
+        (process 0), or no coordinator within the timeout (the others).
     """
     if not isinstance(coordinator, str) or not _ADDRESS.match(coordinator):
         raise ParallelError(f"coordinator must be 'host:port', got {coordinator!r}")
-    port = int(coordinator.rsplit(":", 1)[1])
+    host, port = coordinator.rsplit(":", 1)
+    host, port = host.strip("[]"), int(port)
     if not 0 < port < 65536:
         raise ParallelError(f"coordinator port must be in 1..65535, got {port}")
     for name, value, minimum in (("num_processes", num_processes, 1), ("process_id", process_id, 0),
@@ -241,6 +250,10 @@ def distributed_initialize(coordinator: str, num_processes: int, process_id: int
     from jax._src import distributed as _distributed  # no public "is initialized" yet
     if getattr(_distributed.global_state, "client", None) is not None:
         raise ParallelError("jax.distributed is already initialized in this process")
+    if process_id == 0:
+        _check_port_free(host, port)
+    else:
+        _wait_for_listener(host, port, initialization_timeout)
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -254,5 +267,72 @@ def distributed_initialize(coordinator: str, num_processes: int, process_id: int
         raise
 
 
-__all__ = ["DATA_AXIS", "ParallelError", "batch_sharding", "data_mesh", "distributed_initialize",
-           "make_parallel_train_step", "replicate", "replicated_sharding", "shard_batch", "to_host"]
+def _check_port_free(host: str, port: int) -> None:
+    """Process 0 serves the coordination service on ``port`` of every interface: is it free?"""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ParallelError(f"process 0 cannot serve the coordinator on port {port}: {e.strerror}") from None
+
+
+def _wait_for_listener(host: str, port: int, timeout: float) -> None:
+    """Wait until something accepts TCP connections on ``host:port`` (process 0's coordination service)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ParallelError(f"no coordinator at {host}:{port} after {timeout} s ({e.strerror or e}; is "
+                                    f"process 0 running with --coordinator {host}:{port}?)") from None
+            time.sleep(0.2)
+
+
+MESSAGE_BYTES = 1024
+"""How much of a failing process's message :func:`raise_if_any_failed` passes to the others (UTF-8)."""
+
+
+def raise_if_any_failed(error: BaseException | None) -> None:
+    """Every process learns whether any process failed, and raises: the point where several processes
+    agree that their inputs are good, before any of them writes anything.
+
+    One process: raise ``error`` if it is not ``None``. Several: a collective (every process must call
+    it, once, at the same point) exchanges each process's outcome; a process that failed raises its own
+    ``error``, the others raise :class:`ParallelError` ``"process k of n stopped: <its message>"`` for the
+    lowest failed ``k``. So no process is left waiting in a collective for one that has already exited.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    from jax.experimental import multihost_utils
+
+    row = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    if error is not None:
+        text = " ".join(str(error).split()) or type(error).__name__
+        raw = text.encode("utf-8")[:MESSAGE_BYTES]
+        row[0], row[1:1 + len(raw)] = 1, np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(row))  # (processes, MESSAGE_BYTES + 1)
+    if error is not None:
+        raise error
+    for k, other in enumerate(rows):
+        if other[0]:
+            message = bytes(other[1:]).rstrip(b"\0").decode("utf-8", errors="replace")
+            raise ParallelError(f"process {k} of {len(rows)} stopped: {message}")
+
+
+def broadcast_from_first(tree):
+    """Process 0's ``tree`` in every process (numpy leaves); the other processes pass a tree of the same
+    structure, shapes and dtypes (its values are ignored). One process: ``tree`` itself."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return to_host(multihost_utils.broadcast_one_to_all(tree))
+
+
+__all__ = ["DATA_AXIS", "MESSAGE_BYTES", "ParallelError", "batch_sharding", "broadcast_from_first", "data_mesh",
+           "distributed_initialize", "make_parallel_train_step", "raise_if_any_failed", "replicate",
+           "replicated_sharding", "shard_batch", "to_host"]

@@ -50,7 +50,7 @@ from rate_tuning import data
 from rate_tuning import groups as G
 from rate_tuning import layers
 from rate_tuning import metrics as M
-from rate_tuning import models, optim
+from rate_tuning import models, optim, parallel
 from rate_tuning.configs import Config, ConfigError
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -371,7 +371,7 @@ def evaluate(eval_step, state: TrainState, x, y, chunk: int = EVAL_CHUNK) -> dic
     """Eval-mode mean loss and accuracy over all of ``(x, y)``, in chunks of at most ``chunk`` examples."""
     totals: dict[str, float] = {}
     for i in range(0, len(x), chunk):
-        out = jax.device_get(eval_step(state, x[i:i + chunk], y[i:i + chunk]))
+        out = parallel.to_host(eval_step(state, x[i:i + chunk], y[i:i + chunk]))
         n = len(x[i:i + chunk])
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
@@ -422,6 +422,19 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0 (they write nothing)."""
+
+    def write(self, record: dict, *, _kill_midway: bool = False) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _warn(message: str) -> None:
@@ -742,6 +755,15 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
     ``jax.config.update('jax_num_cpu_devices', n)`` before JAX's first computation (``rate-tuning train
     --devices n`` does it). A run may be resumed with another device count (it continues to round-off).
 
+    Several processes (after :func:`rate_tuning.parallel.distributed_initialize` in each; ``devices`` must
+    then be ``None``): the step runs data-parallel over all devices of all processes. Every process calls
+    this function with the same arguments and loads the dataset; only process 0 checks, reads and writes
+    ``workdir`` (for ``resume`` it reads the checkpoint and broadcasts it). The processes agree on their
+    inputs before anything is written (:func:`rate_tuning.parallel.raise_if_any_failed`): if any fails,
+    all raise. The summary records ``processes``; every process returns it. A process that dies later
+    (e.g. process 0 on a full disk) leaves the others to JAX's distributed runtime, which aborts them when
+    its heartbeat times out.
+
     Raises:
       ConfigError, DataError, LabelError, CheckpointError, MetricsError (all ``ValueError``): bad inputs,
         one-line messages.
@@ -749,45 +771,54 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
         and the checkpoints before it are kept, no summary is written.
     """
     start = time.perf_counter()
-    validate_config(config)
     ckdir = os.path.join(workdir, CHECKPOINTS_DIR)
     metrics_path = os.path.join(workdir, METRICS_FILE)
+    lead = jax.process_index() == 0  # the process that reads and writes workdir
+    processes = jax.process_count()
     notices: list[str] = []
     found = None
-    if resume:
-        _check_resumable(workdir)
-        found = ckpt.latest_valid(ckdir, warn=notices.append)
-        diff = config_differences(found.meta.get("config", {}), config)
-        if diff:
-            raise ConfigError(f"cannot resume {workdir}: the config differs from the one in checkpoint "
-                              f"{ckpt.step_name(found.step)} in {'; '.join(diff)}")
-    else:
-        _check_workdir(workdir)
-    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
-        raise ConfigError(f"devices must be a positive integer, got {devices!r}")
-    mesh = None
-    if devices is not None and devices > 1:
-        from rate_tuning import parallel
-
-        mesh = parallel.data_mesh(devices)
     with precision(config.dtype):
-        dataset = load_dataset(config)
-        global_batch = config.batch_size or len(dataset.x_train)
-        if mesh is not None and global_batch % devices:
-            raise ConfigError(f"batch of {global_batch} examples is not divisible by the {devices} devices "
-                              f"(batch_size={config.batch_size}; use a multiple of {devices})")
-        key = jax.random.key(config.seed)
-        setup = create_train_state(config, dataset, key)
-        state, model, labels, lr_w, lr_g = setup
-        # one step type for fresh and resumed runs (a Python 0 would compile a second, weakly typed variant)
-        state = state.replace(step=jnp.asarray(0, jnp.int32))
-        if found is not None:
-            tree = ckpt.restore(found.path, checkpoint_tree(state, key))
-            if not np.array_equal(np.asarray(tree["rng"]), np.asarray(jax.random.key_data(key))):
+        try:  # ---- the inputs: every check, before anything is written (and, with several processes, agreed)
+            validate_config(config)
+            if lead and resume:
+                _check_resumable(workdir)
+                found = ckpt.latest_valid(ckdir, warn=notices.append)
+                diff = config_differences(found.meta.get("config", {}), config)
+                if diff:
+                    raise ConfigError(f"cannot resume {workdir}: the config differs from the one in checkpoint "
+                                      f"{ckpt.step_name(found.step)} in {'; '.join(diff)}")
+            elif lead:
+                _check_workdir(workdir)
+            if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+                raise ConfigError(f"devices must be a positive integer, got {devices!r}")
+            if processes > 1 and devices is not None:
+                raise ConfigError(f"devices must be None with {processes} processes (the mesh spans all "
+                                  f"{jax.device_count()} devices of all of them)")
+            n_dev = jax.device_count() if processes > 1 else devices or 1
+            mesh = parallel.data_mesh(None if processes > 1 else n_dev) if n_dev > 1 else None
+            dataset = load_dataset(config)
+            global_batch = config.batch_size or len(dataset.x_train)
+            if global_batch % n_dev:
+                raise ConfigError(f"batch of {global_batch} examples is not divisible by the {n_dev} devices "
+                                  f"(batch_size={config.batch_size}; use a multiple of {n_dev})")
+            key = jax.random.key(config.seed)
+            state, model, labels, lr_w, lr_g = create_train_state(config, dataset, key)
+            # one step type for fresh and resumed runs (a Python 0 would compile a second, weakly typed variant)
+            state = state.replace(step=jnp.asarray(0, jnp.int32))
+            template = checkpoint_tree(state, key)
+            tree = ckpt.restore(found.path, template) if found is not None else None
+            if tree is not None and not np.array_equal(np.asarray(tree["rng"]),
+                                                       np.asarray(jax.random.key_data(key))):
                 raise ckpt.CheckpointError(f"checkpoint {ckpt.step_name(found.step)} holds another PRNG key "
                                            f"than seed {config.seed} gives")
+        except Exception as e:  # noqa: BLE001 -- told to the other processes, then raised here
+            parallel.raise_if_any_failed(e)  # raises e
+        parallel.raise_if_any_failed(None)
+        if resume:  # process 0 read the checkpoint; every process continues from it
+            tree = parallel.broadcast_from_first(tree if lead else jax.device_get(template))
             state = state.replace(step=jnp.asarray(int(tree["step"]), jnp.int32), params=tree["params"],
                                   batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+        first = int(state.step)
         batch = batch_fn(config, dataset)
         if mesh is None:
             train_step = make_train_step(model, labels, lr_w, check_finite=True)
@@ -797,28 +828,33 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
         eval_step = make_eval_step(model)
         bn = config.bn or models.PRESETS[config.preset].bn
         groups = finite_groups(state.params, labels)
-        progress = Progress(config.steps, verbose, initial=found.step if found is not None else 0)
+        progress = Progress(config.steps, verbose and lead, initial=first)
 
         def save(step: int) -> str:
-            return ckpt.save(ckdir, step, checkpoint_tree(state, key), _checkpoint_meta(config, step, config.seed),
+            """Checkpoint ``step`` (process 0 writes it); its path."""
+            if not lead:
+                return os.path.join(ckdir, ckpt.step_name(step))
+            host = parallel.to_host(state) if processes > 1 else state
+            return ckpt.save(ckdir, step, checkpoint_tree(host, key), _checkpoint_meta(config, step, config.seed),
                              keep=config.keep_checkpoints,
                              before_finalize=lambda: _maybe_kill("checkpoint", step))
 
-        # ---- inputs are good: from here on, files are written
-        first = found.step if found is not None else 0
+        # ---- inputs are good: from here on, files are written (by process 0)
         kept: list[dict] = []
         last_checkpoint = None
-        if found is not None:
+        if resume:
             for notice in notices:
                 _warn(notice)
-            kept = _rewind_metrics(metrics_path, first, _warn)
+            if lead:
+                kept = _rewind_metrics(metrics_path, first, _warn)
             last_checkpoint = ckpt.step_name(first)
             progress.message(f"resuming {workdir} from step {first} ({CHECKPOINTS_DIR}/{last_checkpoint})")
         else:
-            os.makedirs(workdir, exist_ok=True)
+            if lead:
+                os.makedirs(workdir, exist_ok=True)
             save(0)
             last_checkpoint = ckpt.step_name(0)
-        writer = MetricsWriter(metrics_path, append=found is not None)
+        writer = MetricsWriter(metrics_path, append=resume) if lead else _NoWriter()
         mode = "full-batch GD" if config.batch_size == 0 else f"SGD, batch {config.batch_size}"
         progress.message(f"training {config.arch}/{config.preset} (bn {bn}) on {dataset.name}: "
                         f"{len(dataset.x_train)} train / {len(dataset.x_test)} test, {mode}, {config.steps} steps, "
@@ -829,11 +865,11 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
 
         def settle() -> None:
             """Fetch the finiteness flags of the steps not checked yet; stop at the first bad one."""
-            flags = jax.device_get([out["finite"] for _, out in pending])
+            flags = parallel.to_host([out["finite"] for _, out in pending])
             for (t, out), f in zip(pending, flags):
                 if not np.all(f):
                     record = {k: v for k, v in out.items() if k != "finite"}
-                    writer.write({"step": t, "split": "train", **to_json_value(jax.device_get(record))})
+                    writer.write({"step": t, "split": "train", **to_json_value(parallel.to_host(record))})
                     message, named = divergence_message(t, f, groups, float(lr_w(t)), float(lr_g(t)),
                                                         last_checkpoint and f"{CHECKPOINTS_DIR}/{last_checkpoint}")
                     raise DivergenceError(message, t, named)
@@ -864,7 +900,7 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
                     settle()
                 if log:
                     public = {k: v for k, v in step_out.items() if k != "finite"}
-                    last = {"step": t, "split": "train", **to_json_value(jax.device_get(public))}
+                    last = {"step": t, "split": "train", **to_json_value(parallel.to_host(public))}
                     writer.write(last, _kill_midway=_kill_point("metrics", t))
                     progress.train(last)
                 if evaluate_now:
@@ -881,11 +917,13 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
             writer.close()
             progress.close()
         # a run resumed from its final checkpoint (killed before summary.json) has it already
-        final = found.path if found is not None and found.step == config.steps else save(config.steps)
+        final = (os.path.join(ckdir, ckpt.step_name(first)) if resume and first == config.steps
+                 else save(config.steps))
 
         train_eval = evaluate(eval_step, state, dataset.x_train, dataset.y_train)
-        eff = summarize_groups(M.effective_lr(lr_w(config.steps), state.params, labels))
-        norms = summarize_groups(M.group_norms(state.params, labels))
+        params = parallel.to_host(state.params)
+        eff = summarize_groups(M.effective_lr(lr_w(config.steps), params, labels))
+        norms = summarize_groups(M.group_norms(params, labels))
         summary = to_json_value({
             "steps": config.steps,
             "final_train_loss": last.get("loss"),
@@ -902,13 +940,15 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
             "dataset": {"name": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test)},
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - start,
-            "resumed_from_step": found.step if found is not None else None,
+            "resumed_from_step": first if resume else None,
             "checkpoint": os.path.relpath(final, workdir),
             "config": dataclasses.asdict(config),
-            "data_parallel_devices": devices or 1,
+            "data_parallel_devices": n_dev,
+            "processes": processes,
             **environment(),
         })
-    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
+    if lead:
+        write_json_atomic(os.path.join(workdir, SUMMARY_FILE), summary)
     progress.message(f"done: test loss {_fmt(summary['test_loss'], '.4g')}  "
                      f"test acc {_fmt(summary['test_accuracy'], '.4f')}  "
                      f"wall {summary['wall_time_s']:.1f}s  -> {os.path.join(workdir, SUMMARY_FILE)}")

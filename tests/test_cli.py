@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -202,31 +204,57 @@ def test_train_synthetic_end_to_end_into_the_default_workdir(tmp_path):
     assert summary["backend"] and summary["jax"] and summary["wall_time_s"] > 0
 
 
+RUN_ARGS = ["--config", "digits", "steps=12", "log_every=4", "checkpoint_every=4", "dtype=float64"]
+"""The runs of the data-parallel and multi-process tests: 12 SGD steps of the digits MLP in float64."""
+
+REL_ROUND_OFF = 1e-12
+"""A data-parallel run is the one-device run with the batch sums split and all-reduced: round-off of
+~100-term float64 sums (~1e-14 relative) carried over 12 steps of a well-conditioned MLP stays < 1e-12."""
+
+
 def _train(tmp_path, name, *extra):
-    proc = subprocess.run([sys.executable, "-m", "rate_tuning.cli", "train", "--config", "digits", "steps=12",
-                           "log_every=4", "dtype=float64", "--quiet", "--workdir", str(tmp_path / name), *extra],
+    proc = subprocess.run([sys.executable, "-m", "rate_tuning.cli", "train", *RUN_ARGS, "--quiet",
+                           "--workdir", str(tmp_path / name), *extra],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     return proc
 
 
-def test_data_parallel_run_is_the_one_device_run_to_round_off(tmp_path):
-    """--devices 2 (2 virtual CPU devices): batch sharded, BN statistics over the global batch. In float64
-    the metrics stream and the summary equal the one-device run's to 1e-12 relative (the same sums split in
-    two and all-reduced: round-off of ~100-term sums, ~1e-14, over 12 steps of a well-conditioned MLP)."""
-    one, two = _train(tmp_path, "one"), _train(tmp_path, "two", "--devices", "2")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
-    summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two")]
-    assert summaries[0]["data_parallel_devices"] == 1 and summaries[1]["data_parallel_devices"] == 2
-    assert summaries[1]["device_count"] == 2
-    streams = [[json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-               for n in ("one", "two")]
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """The reference run: one process, one device."""
+    d = tmp_path_factory.mktemp("one_device")
+    proc = _train(d, "one")
+    assert proc.returncode == 0, proc.stderr
+    return d / "one"
+
+
+def _stream(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run_to_round_off(reference, other) -> None:
+    """The metrics streams (same records, every number) and the summaries agree to REL_ROUND_OFF."""
+    streams = [_stream(reference), _stream(other)]
     assert [(r["step"], r["split"]) for r in streams[0]] == [(r["step"], r["split"]) for r in streams[1]]
     for a, b in zip(*streams):
         for key, value in a.items():
             if isinstance(value, float) and key != "lemma24_residual":  # itself round-off
-                assert b[key] == pytest.approx(value, rel=1e-12, abs=1e-300), key
+                assert b[key] == pytest.approx(value, rel=REL_ROUND_OFF, abs=1e-300), key
+    summaries = [json.loads((w / "summary.json").read_text()) for w in (reference, other)]
     for key in ("final_train_loss", "test_loss", "train_eval_loss"):
-        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=1e-12)
+        assert summaries[1][key] == pytest.approx(summaries[0][key], rel=REL_ROUND_OFF)
+    for group, norm in summaries[0]["norms"].items():
+        assert summaries[1]["norms"][group] == pytest.approx(norm, rel=REL_ROUND_OFF), group
+
+
+def test_data_parallel_run_is_the_one_device_run_to_round_off(tmp_path, one_device_run):
+    """--devices 2 (2 virtual CPU devices): batch sharded, BN statistics over the global batch."""
+    two = _train(tmp_path, "two", "--devices", "2")
+    assert two.returncode == 0, two.stderr
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["data_parallel_devices"] == 2 and summary["device_count"] == 2 and summary["processes"] == 1
+    assert json.loads((one_device_run / "summary.json").read_text())["data_parallel_devices"] == 1
+    _assert_same_run_to_round_off(one_device_run, tmp_path / "two")
 
 
 @pytest.mark.parametrize("devices,message", [("3", "not divisible by the 3 devices"),
@@ -235,3 +263,101 @@ def test_bad_device_count_is_one_line_exit_2_and_writes_nothing(tmp_path, device
     proc = _train(tmp_path, "bad", "--devices", devices)  # digits: batch 128
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (jax.distributed on 127.0.0.1, one CPU device each).
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_processes(tmp_path, workdirs, *extra, timeout: int = 120) -> list[subprocess.CompletedProcess]:
+    """``rate-tuning train`` as process i of ``len(workdirs)`` with ``--workdir workdirs[i]``, all at once."""
+    port, n = _free_port(), len(workdirs)
+    procs = [subprocess.Popen([sys.executable, "-m", "rate_tuning.cli", "train", *RUN_ARGS, "--quiet",
+                               "--workdir", str(tmp_path / w), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", str(n), "--process-id", str(i), "--init-timeout", "60", *extra],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, w in enumerate(workdirs)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return done
+
+
+def _errors(stderr: str) -> list[str]:
+    """The ``rate-tuning:`` lines of ``stderr`` (JAX's own C++ logging of the distributed runtime aside)."""
+    return [line for line in stderr.splitlines() if line.startswith("rate-tuning:")]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """2 processes: process 0 writes ``dist``, process 1 is given ``p1`` (and must write nothing)."""
+    d = tmp_path_factory.mktemp("two_process")
+    procs = _train_processes(d, ["dist", "p1"])
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (i, p.stderr[-3000:])
+    return d
+
+
+def test_two_process_run_is_the_one_device_run_and_only_process_0_writes(two_process_run, one_device_run):
+    summary = json.loads((two_process_run / "dist" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["data_parallel_devices"] == 2 and summary["device_count"] == 2
+    assert not (two_process_run / "p1").exists()
+    _assert_same_run_to_round_off(one_device_run, two_process_run / "dist")
+    assert sorted(os.listdir(two_process_run / "dist" / "checkpoints")) == sorted(
+        os.listdir(one_device_run / "checkpoints"))
+
+
+def test_two_process_resume_continues_from_process_0s_checkpoint(tmp_path, two_process_run, one_device_run):
+    """Process 0 reads the step-8 checkpoint and passes it to process 1; the resumed run ends where the
+    uninterrupted one-device run does (to round-off)."""
+    run = tmp_path / "dist"
+    shutil.copytree(two_process_run / "dist", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000012")
+    os.remove(run / "summary.json")
+    procs = _train_processes(tmp_path, ["dist", "p1"], "--resume")
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (i, p.stderr[-3000:])
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 8
+    assert not (tmp_path / "p1").exists()  # process 1 read nothing from there: it has no run to resume
+    _assert_same_run_to_round_off(one_device_run, run)
+
+
+def test_a_bad_input_in_process_0_stops_every_process_before_anything_is_written(tmp_path, two_process_run):
+    run = tmp_path / "dist"
+    shutil.copytree(two_process_run / "dist", run)  # a finished run: not a new workdir
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    procs = _train_processes(tmp_path, ["dist", "p1"])
+    assert [p.returncode for p in procs] == [2, 2]
+    (own,), (told,) = _errors(procs[0].stderr), _errors(procs[1].stderr)
+    assert "already holds a run" in own
+    assert told.startswith("rate-tuning: error: process 0 of 2 stopped: workdir") and "already holds a run" in told
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_incomplete_process_options_are_one_line_exit_2():
+    for argv in (["--coordinator", "127.0.0.1:1234"], ["--num-processes", "2", "--process-id", "0"]):
+        proc = subprocess.run([sys.executable, "-m", "rate_tuning.cli", "train", *RUN_ARGS, *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "need all of --coordinator, --num-processes and --process-id" in proc.stderr
+
+
+def test_no_coordinator_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rate_tuning.cli", "train", *RUN_ARGS, "--workdir", str(tmp_path / "x"),
+                           "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1",
+                           "--init-timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no coordinator at 127.0.0.1:" in proc.stderr, proc.stderr
+    assert len(_errors(proc.stderr)) == 1 and not (tmp_path / "x").exists()

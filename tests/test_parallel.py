@@ -165,11 +165,19 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
             jax.block_until_ready(m)  # JAX-NOTES: block in multi-device loops
             losses.append(float(parallel.to_host(m)["loss"]))
         params = parallel.to_host(state.params)
+    agreement = None
+    if mode == "dist":  # process 1 fails, process 0 must hear of it; then process 0's tree reaches process 1
+        try:
+            parallel.raise_if_any_failed(ValueError(f"bad input  in\nprocess {process_id}") if process_id else None)
+        except ValueError as e:
+            agreement = [type(e).__name__, str(e)]
+        sent = parallel.broadcast_from_first({"a": np.full(3, 7.0 + process_id), "n": np.asarray(process_id)})
+        agreement = [agreement, sent["a"].tolist(), int(sent["n"])]
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     np.savez(out_path, **flat)
     with open(out_path + ".json", "w") as f:
         json.dump({"process_count": jax.process_count(), "device_count": jax.device_count(),
-                   "local_device_count": jax.local_device_count(), "losses": losses}, f)
+                   "local_device_count": jax.local_device_count(), "losses": losses, "agreement": agreement}, f)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +285,23 @@ def test_two_process_distributed_equals_one_process(runs):
     for k in ref:
         np.testing.assert_array_equal(params["dist0"][k], params["dist1"][k])
     np.testing.assert_allclose(meta["dist0"]["losses"], meta["single"]["losses"], rtol=TOL)
+
+
+def test_every_process_hears_of_a_failure_and_receives_process_0s_tree(runs):
+    meta = runs[2]
+    assert meta["dist1"]["agreement"] == [["ValueError", "bad input  in\nprocess 1"], [7.0] * 3, 0]  # its own error
+    assert meta["dist0"]["agreement"] == [["ParallelError", "process 1 of 2 stopped: bad input in process 1"],
+                                          [7.0] * 3, 0]
+
+
+def test_raise_if_any_failed_in_one_process():
+    from rate_tuning import parallel
+
+    parallel.raise_if_any_failed(None)
+    with pytest.raises(KeyError, match="mine"):
+        parallel.raise_if_any_failed(KeyError("mine"))
+    tree = {"a": np.arange(3)}
+    assert parallel.broadcast_from_first(tree) is tree
 
 
 # In-process checks of the argument validation (one device is enough; nothing is initialised).
