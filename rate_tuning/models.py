@@ -48,7 +48,7 @@ Inside a loop body (``lax.scan``, ``fori_loop``: :mod:`rate_tuning.sweep`, ``pro
 XLA's CPU backend runs convolutions on a naive kernel (it canonicalises convolution layouts only in the
 entry computation; jax-ml/jax#12868): 3 SGD steps of the default resnet at batch 128 took 20 s in a
 ``fori_loop`` against 0.67 s from Python, and 0.59 s in the loop with ``'im2col'``, which has no
-convolution op. On CPU, build conv models for looped programs with ``conv_impl='im2col'``."""
+convolution op. :func:`for_loops` makes that choice (:func:`rate_tuning.sweep.bn_problem` applies it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +238,17 @@ def _check_conv_impl(name: str) -> str:
     if name not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {name!r}; known: {', '.join(CONV_IMPLS)}")
     return name
+
+
+def for_loops(model: nn.Module) -> nn.Module:
+    """``model`` for programs that apply it inside a loop body (``lax.scan``, ``fori_loop``): on the CPU
+    backend a model with ``conv_impl='auto'`` becomes the same model with ``'im2col'`` (no convolution op,
+    so no naive in-loop kernel: :data:`CONV_IMPLS`); a model with another ``conv_impl``, or none, is returned as
+    it is. Same
+    parameters, same function to round-off."""
+    if getattr(model, "conv_impl", None) == "auto" and jax.default_backend() == "cpu":
+        return model.clone(conv_impl="im2col")
+    return model
 
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:

@@ -26,8 +26,9 @@ claim C15) are flagged in ``diverged`` and fill their own records with NaN/Inf; 
 unaffected (there is no reduction across runs).
 
 Conv models on CPU: steps run inside ``lax.scan``, where XLA's CPU backend runs convolutions on a naive
-kernel (jax-ml/jax#12868; ~30x slower): build them with ``conv_impl='im2col'``
-(:data:`rate_tuning.models.CONV_IMPLS`).
+kernel (jax-ml/jax#12868; ~30x slower). :func:`bn_problem` therefore applies the model through
+:func:`rate_tuning.models.for_loops` (``conv_impl='auto'`` becomes ``'im2col'`` on CPU); a hand-written
+``loss_fn`` should do the same.
 
 For BN networks, :func:`bn_problem` turns a linen model into ``loss_fn``/``init_fn`` in train mode and
 :func:`minibatch_fn` gives a pure ``batch_fn`` with the training loop's mini-batch order.
@@ -492,6 +493,9 @@ def bn_problem(model, params_template, batch_stats, x, y, *, same_init: bool = F
     ``batch_stats`` only supplies the collection ``model.apply`` expects. Recompute running statistics
     after the sweep if eval mode is needed.
 
+    The model is applied as :func:`rate_tuning.models.for_loops` gives it (the sweep runs it under
+    ``lax.scan``): with ``conv_impl='auto'`` on CPU, through im2col convolutions.
+
     ``x`` and ``y`` are closed over, so the compiled sweep holds them as constants (jax 0.10 embeds them in
     the program): fine for digits-sized data; for hundreds of MB expect longer compilations and a copy.
 
@@ -503,6 +507,7 @@ def bn_problem(model, params_template, batch_stats, x, y, *, same_init: bool = F
     x, y = jnp.asarray(x), jnp.asarray(y)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
+    model = models.for_loops(model)
     template = jax.tree_util.tree_map(jnp.asarray, params_template)
 
     def loss_fn(params, batch=None):

@@ -266,3 +266,27 @@ def test_auto_rule_and_validation():
         S.make_sweep(toy_loss, toy_init, LABELS, steps=2, schedule="cosine")
     with pytest.raises(G.LabelError, match="no label for parameter g"):
         S.make_sweep(toy_loss, toy_init, {"w": G.si("w"), "f": G.FROZEN_LABEL}, steps=2)
+
+
+def test_bn_problem_applies_conv_models_without_convolution_ops_on_cpu(x64):
+    """The sweep runs steps under lax.scan, where XLA:CPU convolutions are naive (jax-ml/jax#12868):
+    bn_problem applies a conv_impl='auto' model through models.for_loops (im2col on CPU: no convolution
+    op in the loss); an explicit conv_impl, and anything without one, is left as it is."""
+    x = np.random.default_rng(3).normal(size=(8, 8, 8, 3))
+    y = np.arange(8) % 4
+    # vgg: stride-1 convolutions, which 'auto' leaves to XLA's convolution on CPU outside loops
+    model = models.build("vgg", "paper", config=(4, "M", 6, "M"), num_classes=4, param_dtype=jnp.float64)
+    variables = model.init(jax.random.key(0), jnp.asarray(x))
+    problem = S.bn_problem(model, variables["params"], variables["batch_stats"], x, y)
+    hlo = lambda f: jax.jit(jax.grad(f)).lower(variables["params"]).as_text()  # noqa: E731
+    direct = models.batch_loss(model, variables["params"], variables["batch_stats"], x, y)[0]
+    # the same function to float64 round-off: 1e-12 as in test_layers.test_conv_impls_give_the_same_model
+    assert abs(float(problem.loss_fn(variables["params"]) - direct)) <= 1e-12
+    if jax.default_backend() == "cpu":
+        assert "convolution" not in hlo(problem.loss_fn)
+        assert models.for_loops(model).conv_impl == "im2col"
+    explicit = model.clone(conv_impl="xla")
+    assert models.for_loops(explicit) is explicit
+    assert models.for_loops(S) is S  # anything without a conv_impl
+    # the control: without for_loops the same loss has convolution ops
+    assert "convolution" in hlo(lambda p: models.batch_loss(model, p, variables["batch_stats"], x, y)[0])
