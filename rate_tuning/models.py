@@ -41,14 +41,22 @@ CONV_IMPLS = ("auto", "xla", "im2col", "chunked")
 """How convolutions are computed: ``'xla'`` (``lax.conv_general_dilated``), ``'im2col'``
 (:func:`rate_tuning.layers.conv_im2col`: patches times kernel), ``'chunked'`` (XLA's, with the kernel
 gradient summed over batch chunks: :func:`rate_tuning.layers.conv_chunked_kernel_grad`), or ``'auto'``: on
-the CPU backend im2col for strided convolutions and chunked for the others, where each is faster; XLA's
-convolution on other backends. Same parameters, same function: they agree to round-off.
+the CPU backend im2col for strided convolutions and for layers with at most :data:`IM2COL_MAX_IN_CHANNELS`
+input channels (the image's first layer), chunked for the others, where each is faster; XLA's convolution
+on other backends. Same parameters, same function: they agree to round-off.
 
 Inside a loop body (``lax.scan``, ``fori_loop``: :mod:`rate_tuning.sweep`, ``proofs_check`` trajectories)
 XLA's CPU backend runs convolutions on a naive kernel (it canonicalises convolution layouts only in the
 entry computation; jax-ml/jax#12868): 3 SGD steps of the default resnet at batch 128 took 20 s in a
 ``fori_loop`` against 0.67 s from Python, and 0.59 s in the loop with ``'im2col'``, which has no
 convolution op. :func:`for_loops` makes that choice (:func:`rate_tuning.sweep.bn_problem` applies it)."""
+
+
+IM2COL_MAX_IN_CHANNELS = 4
+"""``'auto'`` on CPU computes stride-1 convolutions with at most this many input channels by im2col: for
+vgg's 32x32x3 -> 32 first layer (batch 128, one core, kernel gradient and forward) 23 ms against 35 ms
+chunked and 51 ms with XLA's kernel, and the whole vgg gradient 290 -> 250 ms; for resnet's 3 -> 16 stem
+the three are within noise (14-16 ms). With 16 input channels im2col is 5x slower (156 against 27 ms)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +117,7 @@ class _BNNetBase(nn.Module):
         else:
             layer = nn.Conv(features, (kernel_size, kernel_size), strides=stride, padding="SAME",
                             use_bias=not use_bn, param_dtype=self.param_dtype, name=name,
-                            conv_general_dilated=self._conv_function(stride))
+                            conv_general_dilated=self._conv_function(stride, x.shape[-1]))
         x = layer(x)
         if not use_bn:
             return x
@@ -117,11 +125,15 @@ class _BNNetBase(nn.Module):
         w_sq = jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1)))
         return self._bn(bn_name, train, affine)(x, weight_sq_norm=w_sq)
 
-    def _conv_function(self, stride: int):
-        """The ``conv_general_dilated`` of a layer with this stride (None: flax's default), by :data:`CONV_IMPLS`."""
+    def _conv_function(self, stride: int, in_channels: int):
+        """The ``conv_general_dilated`` of a layer with this stride and input channel count (None: flax's
+        default), by :data:`CONV_IMPLS`."""
         impl = _check_conv_impl(self.conv_impl)
         if impl == "auto":
-            impl = "xla" if jax.default_backend() != "cpu" else "im2col" if stride > 1 else "chunked"
+            if jax.default_backend() != "cpu":
+                impl = "xla"
+            else:
+                impl = "im2col" if stride > 1 or in_channels <= IM2COL_MAX_IN_CHANNELS else "chunked"
         return {"xla": None, "im2col": layers.conv_im2col, "chunked": layers.conv_chunked_kernel_grad}[impl]
 
     def _head(self, x, train):

@@ -148,6 +148,25 @@ def test_conv_impls_give_the_same_model(x64, monkeypatch, arch, kw):
         assert max(jax.tree_util.tree_leaves(diff)) <= 1e-12, impl
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the 'auto' rule of the CPU backend")
+def test_auto_picks_im2col_for_strided_and_few_channel_layers_on_cpu(monkeypatch):
+    """vgg (stride 1) on a 3-channel image: im2col for the first layer only; the convnet (stride 2): im2col."""
+    used = []
+    for name in ("conv_im2col", "conv_chunked_kernel_grad"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, _real=real, _name=name, **k: (used.append(_name), _real(*a, **k))[1])
+    x = jnp.zeros((2, 8, 8, 3))
+    models.build("vgg", "paper", config=(8, "M", 8, 8)).init(jax.random.key(0), x)
+    assert used == ["conv_im2col", "conv_chunked_kernel_grad", "conv_chunked_kernel_grad"]
+    used.clear()
+    models.build("convnet", "paper", channels=(8, 8)).init(jax.random.key(0), x)
+    assert used == ["conv_im2col", "conv_im2col"]
+    used.clear()
+    wide = jnp.zeros((2, 8, 8, models.IM2COL_MAX_IN_CHANNELS + 1))
+    models.build("vgg", "paper", config=(8,)).init(jax.random.key(0), wide)
+    assert used == ["conv_chunked_kernel_grad"]
+
+
 @pytest.mark.parametrize("s,pad", [(1, "SAME"), (2, "VALID")])
 def test_chunked_kernel_gradient_equals_the_plain_one(x64, monkeypatch, s, pad):
     """Batch 8 in chunks of 3 (3 + 3 + 2): values, both gradients and a Hessian-vector product (forward over

@@ -274,8 +274,8 @@ def test_bn_problem_applies_conv_models_without_convolution_ops_on_cpu(x64):
     op in the loss); an explicit conv_impl, and anything without one, is left as it is."""
     x = np.random.default_rng(3).normal(size=(8, 8, 8, 3))
     y = np.arange(8) % 4
-    # vgg: stride-1 convolutions, which 'auto' leaves to XLA's convolution on CPU outside loops
-    model = models.build("vgg", "paper", config=(4, "M", 6, "M"), num_classes=4, param_dtype=jnp.float64)
+    # vgg: its second layer (8 input channels, stride 1) is XLA's convolution under 'auto' on CPU outside loops
+    model = models.build("vgg", "paper", config=(8, "M", 6, "M"), num_classes=4, param_dtype=jnp.float64)
     variables = model.init(jax.random.key(0), jnp.asarray(x))
     problem = S.bn_problem(model, variables["params"], variables["batch_stats"], x, y)
     hlo = lambda f: jax.jit(jax.grad(f)).lower(variables["params"]).as_text()  # noqa: E731
