@@ -138,18 +138,39 @@ def measure(runners: dict[str, Callable[[int], Any]], *, repeats: int, min_time:
 # Environment.
 
 
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "amx_tile", "amx_bf16", "asimd", "sve")
+"""The ``/proc/cpuinfo`` flags recorded with every result: the vector and matrix extensions that decide
+which kernels XLA, YNNPACK and oneDNN run (two hosts that both call themselves "AMD EPYC" can differ 2.7x
+in matmul throughput per core: benchmarks/README.md)."""
+
+
+def cpu_info(text: str) -> dict[str, Any]:
+    """The first processor's identity in a ``/proc/cpuinfo`` text: model name, vendor, family / model /
+    stepping, cache size, and which of :data:`CPU_FEATURES` it has (x86 ``flags`` or Arm ``Features``)."""
+    first = text.split("\n\n", 1)[0]
+    fields = {}
+    for line in first.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    have = set((fields.get("flags") or fields.get("Features") or "").split())
+    keys = {"model name": "cpu_model", "vendor_id": "vendor", "cpu family": "family", "model": "model",
+            "stepping": "stepping", "cache size": "cache"}
+    out = {name: fields[k] for k, name in keys.items() if k in fields}
+    out["cpu_features"] = [f for f in CPU_FEATURES if f in have]
+    return out
+
+
 def hardware() -> dict[str, Any]:
-    """CPU model, cores, load, Python; versions of jax/jaxlib/flax/torch (those importable)."""
-    model = None
+    """CPU identity (:func:`cpu_info`), cores, memory, load, platform, Python."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+            cpu = cpu_info(f.read())
     except OSError:
-        pass
-    info = {"cpu_model": model, "processor": platform.processor() or platform.machine(),
+        cpu = {}
+    info = {"cpu_model": cpu.pop("cpu_model", None), **cpu,
+            "processor": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "affinity_cores": len(os.sched_getaffinity(0)),
             "platform": platform.platform(), "python": platform.python_version(),
             "loadavg": list(os.getloadavg()), "date": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -159,6 +180,19 @@ def hardware() -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     return info
+
+
+def hardware_line(hw: dict[str, Any], train: dict | None = None) -> str:
+    """The Markdown header's hardware line: CPU identity and features, and the accelerator the train step
+    ran on (from the train section's ``backend`` / ``device`` / ``device_count``) when it is not the CPU."""
+    ident = ", ".join(f"{k} {hw[k]}" for k in ("family", "model", "stepping") if k in hw)
+    feats = " ".join(hw.get("cpu_features") or [])
+    line = (f"- Hardware: {hw['cpu_model']} ({hw['processor']}{'; ' + ident if ident else ''}), "
+            f"{hw['cores']} cores, {hw.get('mem_gib', '?')} GiB; {hw['platform']}"
+            + (f"; CPU features: {feats}" if feats else ""))
+    if train and train.get("backend") not in (None, "cpu"):
+        line += f"\n- Accelerator: {train.get('device_count', 1)} x {train.get('device')} ({train['backend']})"
+    return line
 
 
 def versions() -> dict[str, Any]:
@@ -272,8 +306,42 @@ def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
     return run, (lambda: jitted._cache_size()), (lambda: flops.train_flops(model, variables, jnp.asarray(x, jdt)))
 
 
-def _torch_runner(arch, batch, *, channels_last=False, compile=False):
+def torch_device(backend: str) -> str | None:
+    """The PyTorch device matching JAX's backend: ``'cpu'`` on ``cpu``, ``'cuda'`` on ``gpu`` when this torch
+    build sees a CUDA device; None where PyTorch has no peer of the device (TPU, or a CPU-only torch on a
+    GPU host)."""
+    import torch
+
+    if backend == "cpu":
+        return "cpu"
+    if backend in ("gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def torch_precision_settings(device: str) -> dict:
+    """Put PyTorch on the precision JAX uses by default on ``device`` and return what was set.
+
+    JAX computes float32 matrix products and convolutions on NVIDIA GPUs in TensorFloat-32 by default
+    (https://docs.jax.dev/en/latest/201/precision.html); PyTorch does so for convolutions but not for matrix
+    products. Both frameworks are put on TF32 so that the float32 columns compare the same arithmetic, and
+    cuDNN may pick its fastest algorithm (``cudnn.benchmark``), as XLA autotunes. Nothing changes on CPU."""
+    import torch
+
+    if device != "cuda":
+        return {"device": device}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    return {"device": device, "cuda_device": torch.cuda.get_device_name(0), "matmul_allow_tf32": True,
+            "cudnn_allow_tf32": True, "cudnn_benchmark": True, "torch_cuda": torch.version.cuda}
+
+
+def _torch_runner(arch, batch, *, dtype="float32", device="cpu", channels_last=False, compile=False):
+    """``run(n)``: ``n`` steps of the PyTorch peer (``benchmarks/torch_reference.py``) in ``dtype`` on
+    ``device``, synchronised at the end like the JAX runner."""
     import numpy as np
+    import torch
 
     from benchmarks import torch_reference as tr
 
@@ -285,13 +353,15 @@ def _torch_runner(arch, batch, *, channels_last=False, compile=False):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    step, _, _ = tr.make_step(model, labels, shape, lr_w=LR, lr_g=LR, channels_last=channels_last, compile=compile)
-    xt, yt = tr.to_torch_batch(x, y, channels_last=channels_last)
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    step, _, _ = tr.make_step(model, labels, shape, lr_w=LR, lr_g=LR, dtype=tdt, device=device,
+                              channels_last=channels_last, compile=compile)
+    xt, yt = tr.to_torch_batch(x, y, tdt, channels_last=channels_last, device=device)
 
     def run(n):
         for _ in range(n):
             loss = step(xt, yt)
-        float(loss.detach())  # synchronises (CPU: already done)
+        float(loss.detach())  # waits for the device (on CPU every op has already run)
 
     return run
 
@@ -309,59 +379,58 @@ def _set_threads(threads: int | None) -> int:
 
 
 def worker_train(args) -> dict:
-    """One (arch, batch) group: JAX single device (+ bf16 on accelerators), PyTorch eager (+ variants)."""
+    """Every (arch, batch, dtype) group: the JAX step on one device and, timed alternately with it, the PyTorch
+    peer in the same dtype on the matching device (eager, and its variants); bfloat16 on accelerators."""
     import jax
 
     res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
            "device_count": jax.device_count(), "clock": args.clock, "entries": []}
-    have_torch = _have_torch() and not args.no_torch and jax.default_backend() == "cpu"
-    if have_torch:
+    device = torch_device(jax.default_backend()) if _have_torch() and not args.no_torch else None
+    if device is None and _have_torch() and not args.no_torch:
+        res["torch_skipped"] = f"this torch build has no device for JAX's backend {jax.default_backend()!r}"
+    if device is not None:
         res["torch_threads"] = _set_threads(args.torch_threads)
         import torch
 
         res["torch_config"] = {"mkldnn": torch.backends.mkldnn.is_available(),
-                               "num_threads": torch.get_num_threads()}
-    dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" or args.bf16 else [])
+                               "num_threads": torch.get_num_threads(), **torch_precision_settings(device)}
+    dtypes = _dtypes(args)
     res["matmul"] = {dt: _matmul_throughput(dt, args) for dt in dtypes}
-    for arch in args.models.split(","):
-        for batch in map(int, args.batches.split(",")):
-            runners, checks, step_flops, meta = {}, {}, {}, {}
-            for dt in dtypes:
-                name = f"jax/{dt}"
-                runners[name], checks[name], step_flops[name] = _jax_runner(arch, batch, dtype=dt)
-                meta[name] = {"framework": "jax", "dtype": dt, "variant": "jit"}
-            if have_torch:
-                layouts = [False, True] if args.torch_layouts == "both" else [args.torch_layouts == "channels_last"]
-                if arch == "mlp":
-                    layouts = [False]
-                for cl in layouts:
-                    name = "torch/float32/" + ("channels_last" if cl else "nchw")
-                    runners[name] = _torch_runner(arch, batch, channels_last=cl)
-                    meta[name] = {"framework": "torch", "dtype": "float32",
-                                  "variant": "eager " + ("channels_last" if cl else "NCHW")}
-                if args.torch_compile:
-                    name = "torch/float32/compile"
-                    try:
-                        runners[name] = _torch_runner(arch, batch, compile=True)
-                        t0 = time.perf_counter()
-                        runners[name](1)  # compiles here, so that a failure is caught and recorded
-                        meta[name] = {"framework": "torch", "dtype": "float32", "variant": "torch.compile NCHW",
-                                      "compile_s": time.perf_counter() - t0}
-                    except Exception as e:  # noqa: BLE001 - recorded
-                        runners.pop(name, None)
-                        res.setdefault("errors", []).append(f"{arch}/{batch} torch.compile: {type(e).__name__}: {e}")
-            timed = measure(runners, repeats=args.repeats, min_time=args.min_time, clock=args.clock)
-            for name, t in timed.items():
-                entry = {"model": arch, "batch": batch, **meta[name],
-                         **summarize(t["samples"], t["n"], batch), "first_call_s": t["first_call_s"]}
-                if name in checks:  # dispatch-cache signatures: 2 = the first call's Python int step + arrays
-                    entry["jit_cache_entries"] = checks[name]()
-                    entry["traces_checked"] = "chex.assert_max_traces(n=1)"
-                    entry.update(_utilisation(step_flops[name](), entry, res["matmul"][entry["dtype"]]))
-                res["entries"].append(entry)
-            print(f"  {arch:8s} batch {batch:5d}: " + "  ".join(
-                f"{n} {res['entries'][-len(timed) + i]['examples_per_s']:.0f} ex/s"
-                for i, n in enumerate(timed)), file=sys.stderr, flush=True)
+    groups = [(a, b, d) for a in args.models.split(",") for b in map(int, args.batches.split(",")) for d in dtypes]
+    for arch, batch, dt in groups:  # one group per dtype: chex counts the traces of every step of one source
+        name = f"jax/{dt}"
+        jax_run, jax_cache_size, jax_flops = _jax_runner(arch, batch, dtype=dt)
+        runners, meta = {name: jax_run}, {name: {"framework": "jax", "dtype": dt, "variant": "jit"}}
+        if device is not None:
+            layouts = [False, True] if args.torch_layouts == "both" else [args.torch_layouts == "channels_last"]
+            for cl in [False] if arch == "mlp" else layouts:
+                name = f"torch/{dt}/" + ("channels_last" if cl else "nchw")
+                runners[name] = _torch_runner(arch, batch, dtype=dt, device=device, channels_last=cl)
+                meta[name] = {"framework": "torch", "dtype": dt,
+                              "variant": "eager " + ("channels_last" if cl else "NCHW")}
+            if args.torch_compile:
+                name = f"torch/{dt}/compile"
+                try:
+                    runners[name] = _torch_runner(arch, batch, dtype=dt, device=device, compile=True)
+                    t0 = time.perf_counter()
+                    runners[name](1)  # compiles here, so that a failure is caught and recorded
+                    meta[name] = {"framework": "torch", "dtype": dt, "variant": "torch.compile NCHW",
+                                  "compile_s": time.perf_counter() - t0}
+                except Exception as e:  # noqa: BLE001 - recorded
+                    runners.pop(name, None)
+                    res.setdefault("errors", []).append(f"{arch}/{batch}/{dt} torch.compile: {type(e).__name__}: {e}")
+        timed = measure(runners, repeats=args.repeats, min_time=args.min_time, clock=args.clock)
+        for name, t in timed.items():
+            entry = {"model": arch, "batch": batch, **meta[name],
+                     **summarize(t["samples"], t["n"], batch), "first_call_s": t["first_call_s"]}
+            if name.startswith("jax/"):  # dispatch-cache signatures: 2 = the first call's Python int step + arrays
+                entry["jit_cache_entries"] = jax_cache_size()
+                entry["traces_checked"] = "chex.assert_max_traces(n=1)"
+                entry.update(_utilisation(jax_flops(), entry, res["matmul"][dt]))
+            res["entries"].append(entry)
+        print(f"  {arch:8s} batch {batch:5d} {dt}: " + "  ".join(
+            f"{n} {res['entries'][-len(timed) + i]['examples_per_s']:.0f} ex/s"
+            for i, n in enumerate(timed)), file=sys.stderr, flush=True)
     return res
 
 
@@ -383,6 +452,13 @@ def _utilisation(per_step: int, entry: dict, matmul: dict) -> dict:
             "matmul_flops_per_s": matmul["flops_per_s"], "fraction_of_matmul": rate / matmul["flops_per_s"]}
 
 
+def _dtypes(args) -> list[str]:
+    """float32, and bfloat16 on accelerators or with ``--bf16``."""
+    import jax
+
+    return ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" or args.bf16 else [])
+
+
 def worker_parallel(args) -> dict:
     import jax
 
@@ -393,15 +469,16 @@ def worker_parallel(args) -> dict:
            "entries": []}
     for arch in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
-            run, check, _ = _jax_runner(arch, batch, mesh=mesh)
-            t = measure({"p": run}, repeats=args.repeats, min_time=args.min_time, clock=args.clock)["p"]
-            entry = {"model": arch, "batch": batch, "framework": "jax", "dtype": "float32",
-                     "variant": f"data-parallel x{jax.device_count()}", "devices": jax.device_count(),
-                     **summarize(t["samples"], t["n"], batch), "first_call_s": t["first_call_s"],
-                     "jit_cache_entries": check()}
-            res["entries"].append(entry)
-            print(f"  {arch:8s} batch {batch:5d}: data-parallel x{jax.device_count()} "
-                  f"{entry['examples_per_s']:.0f} ex/s", file=sys.stderr, flush=True)
+            for dtype in _dtypes(args):
+                run, check, _ = _jax_runner(arch, batch, dtype=dtype, mesh=mesh)
+                t = measure({"p": run}, repeats=args.repeats, min_time=args.min_time, clock=args.clock)["p"]
+                entry = {"model": arch, "batch": batch, "framework": "jax", "dtype": dtype,
+                         "variant": f"data-parallel x{jax.device_count()}", "devices": jax.device_count(),
+                         **summarize(t["samples"], t["n"], batch), "first_call_s": t["first_call_s"],
+                         "jit_cache_entries": check()}
+                res["entries"].append(entry)
+                print(f"  {arch:8s} batch {batch:5d} {dtype}: data-parallel x{jax.device_count()} "
+                      f"{entry['examples_per_s']:.0f} ex/s", file=sys.stderr, flush=True)
     return res
 
 
@@ -595,7 +672,7 @@ def _proofs(quick: bool, timeout: float) -> dict:
 
 
 def _common(args) -> list[str]:
-    return ["--repeats", str(args.repeats), "--min-time", str(args.min_time)]
+    return ["--repeats", str(args.repeats), "--min-time", str(args.min_time)] + (["--bf16"] if args.bf16 else [])
 
 
 def orchestrate(args) -> dict:
@@ -637,9 +714,9 @@ def orchestrate(args) -> dict:
         result["sections"]["train"] = {"clock": "wall", "entries": entries,
                                        "errors": [r["error"] for r in runs if "error" in r] +
                                        [e for r in runs for e in r.get("errors", [])],
-                                       "backend": next((r.get("backend") for r in runs if "backend" in r), None),
-                                       "torch_threads": next((r.get("torch_threads") for r in runs
-                                                              if "torch_threads" in r), None)}
+                                       **{k: next((r[k] for r in runs if k in r), None)
+                                          for k in ("backend", "device", "device_count", "torch_threads",
+                                                    "torch_config", "torch_skipped")}}
     if "train" in sections and _have_torch() and not args.no_torch:
         log("parity: one float64 step, JAX vs the PyTorch peer")
         result["sections"]["parity"] = _spawn("parity", [])
@@ -751,8 +828,7 @@ def markdown(result: dict) -> str:
     hw, v = result["hardware"], result["versions"]
     s = result["sections"]
     lines = [f"# Benchmarks ({result['mode']}), {hw['date']}", "",
-             f"- Hardware: {hw['cpu_model']} ({hw['processor']}), {hw['cores']} cores, "
-             f"{hw.get('mem_gib', '?')} GiB; {hw['platform']}",
+             hardware_line(hw, s.get("train")),
              f"- Host allocator (JAX and PyTorch alike): {_allocator_note(result)}",
              f"- Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in hw['loadavg'])}, at end "
              f"{', '.join(f'{x:.1f}' for x in hw.get('loadavg_end', []))} (the machine is shared; see the "
@@ -769,6 +845,13 @@ def markdown(result: dict) -> str:
                   f"`torch.set_num_threads({s['train'].get('torch_threads')})`, interop threads 1, "
                   f"`OMP_WAIT_POLICY={result['settings'].get('torch_omp_wait_policy')}`. Wall clock on a shared "
                   "machine: compare with the load average above; the per-core table is the robust comparison.", ""]
+        tc = s["train"].get("torch_config") or {}
+        if tc.get("device") == "cuda":
+            lines += [f"PyTorch on {tc.get('cuda_device')} (CUDA {tc.get('torch_cuda')}), float32 products and "
+                      "convolutions in TF32 as JAX's default, `cudnn.benchmark` on "
+                      "(`benchmarks.run.torch_precision_settings`).", ""]
+        if s["train"].get("torch_skipped"):
+            lines += [f"No PyTorch peer: {s['train']['torch_skipped']}.", ""]
         lines += _train_table(s["train"]["entries"], par, "wall")
         if s["train"].get("errors"):
             lines += ["", "Errors: " + "; ".join(s["train"]["errors"])]

@@ -233,15 +233,18 @@ def param_groups(module: nn.Module, labels, lr_w: float, lr_g: float) -> list[di
 
 
 def make_step(model, labels, input_shape, *, lr_w: float = 0.1, lr_g: float = 0.1, dtype=torch.float32,
-              channels_last: bool = False, compile: bool = False, exact_padding: bool = False, seed: int = 0
+              device: str | torch.device = "cpu", channels_last: bool = False, compile: bool = False,
+              exact_padding: bool = False, seed: int = 0
               ) -> tuple[Callable[[Any, Any], Any], nn.Module, torch.optim.Optimizer]:
-    """``(step, module, optimizer)``: ``step(x, y)`` does one two-rate SGD step on a batch (torch tensors in
-    the module's layout: NCHW, or NCHW with ``channels_last`` memory) and returns the loss tensor.
+    """``(step, module, optimizer)``: ``step(x, y)`` does one two-rate SGD step on a batch (torch tensors on
+    ``device`` in the module's layout: NCHW, or NCHW with ``channels_last`` memory) and returns the loss
+    tensor. Parameters, BN statistics and activations are all in ``dtype`` (``torch.bfloat16`` too: the
+    same as the JAX model built with ``param_dtype=jnp.bfloat16`` on bfloat16 inputs).
 
     ``compile=True`` wraps forward and backward in ``torch.compile`` (the optimizer step stays eager).
     """
     torch.manual_seed(seed)
-    module = from_jax_model(model, input_shape, exact_padding).to(dtype)
+    module = from_jax_model(model, input_shape, exact_padding).to(device=device, dtype=dtype)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(module, labels, lr_w, lr_g), lr=lr_w, momentum=0.0)
@@ -262,13 +265,14 @@ def make_step(model, labels, input_shape, *, lr_w: float = 0.1, lr_g: float = 0.
     return step, module, opt
 
 
-def to_torch_batch(x: np.ndarray, y: np.ndarray, dtype=torch.float32, channels_last: bool = False):
-    """A JAX-layout numpy batch (``NHWC`` or ``(N, D)``) as torch tensors (``NCHW``)."""
-    xt = torch.from_numpy(np.array(x, copy=True)).to(dtype)
+def to_torch_batch(x: np.ndarray, y: np.ndarray, dtype=torch.float32, channels_last: bool = False,
+                   device: str | torch.device = "cpu"):
+    """A JAX-layout numpy batch (``NHWC`` or ``(N, D)``) as torch tensors (``NCHW``) on ``device``."""
+    xt = torch.from_numpy(np.array(x, copy=True)).to(device=device, dtype=dtype)
     if xt.ndim == 4:
         xt = xt.permute(0, 3, 1, 2)
         xt = xt.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return xt, torch.from_numpy(np.asarray(y)).long()
+    return xt, torch.from_numpy(np.asarray(y)).long().to(device)
 
 
 def check_parity(model, params, labels, x: np.ndarray, y: np.ndarray, lr_w: float, lr_g: float):

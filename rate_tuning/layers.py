@@ -104,9 +104,10 @@ class BatchNorm(nn.Module):
             y = (xs - mean) * jax.lax.rsqrt(var + offset)
         else:
             y, mean, var = normalize(xs, offset, self.axis_name)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+            if not self.is_initializing():  # in stat_dtype, stored in param_dtype (bfloat16 stays bfloat16)
+                for ra, batch in ((ra_mean, mean), (ra_var, var)):
+                    ra.value = (self.momentum * ra.value.astype(stat_dtype)
+                                + (1 - self.momentum) * batch).astype(self.param_dtype)
         if self.use_scale:
             y = y * self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
         if self.use_bias:

@@ -273,3 +273,35 @@ def test_label_mismatch_is_a_label_error(monkeypatch, tmp_path):
     with pytest.raises(G.LabelError, match="layer1/kernel"):
         train.train_and_evaluate(tiny(dtype="float32"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bn", ("exact", "smooth", "standard"))
+@pytest.mark.parametrize("arch, shape", [("mlp", (6,)), ("convnet", (8, 8, 3))])
+def test_a_bfloat16_model_keeps_its_dtypes_and_compiles_once(bn, arch, shape):
+    """Built with ``param_dtype=bfloat16`` on bfloat16 inputs (the benchmarks' accelerator setting), a train
+    step returns every leaf of the state (params, BN running statistics, optimizer state) in the dtype it
+    came in, so the second step reuses the first one's compilation (``max_traces=1`` raises otherwise). The
+    control: the same state with the running statistics cast to float32 is a new signature, a retrace."""
+    import jax.numpy as jnp
+    from rate_tuning import optim
+
+    kw = {"widths": (8,)} if arch == "mlp" else {"channels": (4, 6)}
+    model = models.build(arch, "smoothed" if bn == "smooth" else "paper", bn=bn, param_dtype=jnp.bfloat16, **kw)
+    labels = model.labels("layer")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8,) + shape), jnp.bfloat16)
+    y = jnp.asarray(rng.integers(0, 10, 8))
+    v = model.init(jax.random.key(0), x)
+    lr_w = optim.constant(0.1)
+    state = train.TrainState.create(apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"],
+                                    tx=optim.two_rate_sgd(labels, lr_w, optim.constant(0.1)))
+    chex.clear_trace_counter()
+    step = train.make_train_step(model, labels, lr_w, max_traces=1)
+    dtypes = lambda s: jax.tree_util.tree_map(lambda a: str(a.dtype), (s.params, s.batch_stats, s.opt_state))
+    new, _ = step(state, x, y)
+    assert dtypes(new) == dtypes(state)
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(new.batch_stats)} == {"bfloat16"}
+    step(new, x, y)  # same signature: no retrace
+    promoted = new.replace(batch_stats=jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), new.batch_stats))
+    with pytest.raises(AssertionError, match="traced > 1"):
+        step(promoted, x, y)

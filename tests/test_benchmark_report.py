@@ -1,0 +1,74 @@
+"""The benchmark suite's bookkeeping: the hardware it records and the tables it writes (no timing here)."""
+from benchmarks import run
+
+X86 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 1
+cache size\t: 1024 KB
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 avx512_vnni
+
+processor\t: 1
+model name\t: another CPU
+flags\t\t: fpu
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm sve
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpu_info_reads_the_first_processor_and_its_vector_extensions():
+    info = run.cpu_info(X86)
+    assert info == {"cpu_model": "AMD EPYC", "vendor": "AuthenticAMD", "family": "26", "model": "2",
+                    "stepping": "1", "cache": "1024 KB",
+                    "cpu_features": ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]}
+    assert run.cpu_info(ARM)["cpu_features"] == ["asimd", "sve"]
+    assert run.cpu_info("")["cpu_features"] == []
+
+
+def _entry(framework, dtype, variant, examples_per_s, model="resnet", batch=1024):
+    return {"model": model, "batch": batch, "framework": framework, "dtype": dtype, "variant": variant,
+            "examples_per_s": examples_per_s, "examples_per_s_iqr": [examples_per_s, examples_per_s]}
+
+
+def _result(train):
+    hw = {"cpu_model": "AMD EPYC", "processor": "x86_64", "family": "26", "cores": 16, "platform": "Linux",
+          "python": "3.12", "loadavg": [0.0] * 3, "date": "2026-12-05T00:00:00", "cpu_features": ["avx2"]}
+    return {"mode": "quick", "hardware": hw, "versions": {"jax": "0.11"}, "allocator": {"name": "system"},
+            "settings": {"repeats": 5, "min_time_s": 0.2, "torch_threads": 16, "models": {}},
+            "sections": {"train": train}}
+
+
+def test_the_markdown_names_the_accelerator_and_pairs_jax_and_pytorch_by_dtype():
+    train = {"backend": "gpu", "device": "NVIDIA H100 80GB HBM3", "device_count": 1,
+             "torch_config": {"device": "cuda", "cuda_device": "NVIDIA H100 80GB HBM3", "torch_cuda": "13.0"},
+             "entries": [_entry("jax", "float32", "jit", 300.0), _entry("jax", "bfloat16", "jit", 900.0),
+                         _entry("torch", "float32", "eager NCHW", 200.0),
+                         _entry("torch", "bfloat16", "eager NCHW", 600.0),
+                         _entry("torch", "bfloat16", "eager channels_last", 750.0)]}
+    md = run.markdown(_result(train))
+    assert "- Accelerator: 1 x NVIDIA H100 80GB HBM3 (gpu)" in md
+    assert "CPU features: avx2" in md and "TF32" in md
+    rows = {line.split(" | ")[2]: line for line in md.splitlines() if line.startswith("| resnet | 1024 |")}
+    assert rows["float32"].endswith("| **1.50** |")  # 300 / 200
+    assert rows["bfloat16"].endswith("| **1.20** |")  # 900 / the faster PyTorch layout, 750
+
+
+def test_a_missing_pytorch_peer_is_said_and_leaves_no_ratio():
+    train = {"backend": "tpu", "device": "TPU v5 lite", "device_count": 4,
+             "torch_skipped": "this torch build has no device for JAX's backend 'tpu'",
+             "entries": [_entry("jax", "bfloat16", "jit", 900.0)]}
+    md = run.markdown(_result(train))
+    assert "No PyTorch peer: this torch build has no device for JAX's backend 'tpu'." in md
+    row = next(line for line in md.splitlines() if line.startswith("| resnet | 1024 | bfloat16"))
+    assert row.endswith("| - |")
+
+
+def test_bf16_reaches_every_timing_worker():
+    args = run.parse_args(["--quick", "--bf16"])
+    assert "--bf16" in run._common(args)
+    assert "--bf16" not in run._common(run.parse_args(["--quick"]))
