@@ -385,6 +385,9 @@ def worker_train(args) -> dict:
 
     res = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
            "device_count": jax.device_count(), "clock": args.clock, "entries": []}
+    if args.clock == "cpu" and jax.default_backend() != "cpu":
+        res["errors"] = [f"the CPU-time clock times the CPU backend, not {jax.default_backend()!r}: skipped"]
+        return res
     device = torch_device(jax.default_backend()) if _have_torch() and not args.no_torch else None
     if device is None and _have_torch() and not args.no_torch:
         res["torch_skipped"] = f"this torch build has no device for JAX's backend {jax.default_backend()!r}"
@@ -734,8 +737,9 @@ def orchestrate(args) -> dict:
             r = _spawn("train", ["--models", arch, "--batches", "128", "--clock", "cpu", "--pin-core", str(core),
                                  "--torch-threads", "1", "--torch-layouts", args.torch_layouts, *_common(args)])
             entries += r.get("entries", [])
-            errors += [r["error"]] if "error" in r else []
-        result["sections"]["percore"] = {"clock": "cpu", "core": core, "entries": entries, "errors": errors}
+            errors += ([r["error"]] if "error" in r else []) + r.get("errors", [])
+        result["sections"]["percore"] = {"clock": "cpu", "core": core, "entries": entries,
+                                         "errors": list(dict.fromkeys(errors))}
     if "curvature" in sections:
         log("HVP and Lanczos vs gradient")
         result["sections"]["curvature"] = _spawn("curvature", ["--clock", "wall", "--lanczos-steps",
@@ -865,6 +869,8 @@ def markdown(result: dict) -> str:
     if "percore" in s:
         lines += ["## Train step, one core, one thread each, CPU time (load-robust)", ""]
         lines += _train_table(s["percore"]["entries"], [], "cpu")
+        if s["percore"].get("errors"):
+            lines += ["", "Errors: " + "; ".join(s["percore"]["errors"])]
         lines.append("")
         lines += _utilisation_table(s["percore"]["entries"], "One core, CPU time")
     if "curvature" in s and "entries" in s["curvature"]:
