@@ -581,30 +581,43 @@ def run(args) -> dict:
 # Orchestration and report.
 
 
+STUDIES = ("convs_percore", "convs_wall", "bnpool_percore", "steps_percore", "steps_wall", "flags")
+"""The parts of the investigation, in the order they run (``--convnet-studies`` picks some; default all)."""
+
+
 def orchestrate(args, spawn) -> dict:
     import os
 
+    chosen = (args.convnet_studies or ",".join(STUDIES)).split(",")
+    unknown = sorted(set(chosen) - set(STUDIES))
+    if unknown:
+        raise SystemExit(f"unknown convnet studies {unknown}; known: {', '.join(STUDIES)}")
     core = max(os.sched_getaffinity(0))
+    pin = ["--clock", "cpu", "--pin-core", str(core), "--torch-threads", "1"]
     common = ["--repeats", str(args.repeats), "--min-time", str(args.min_time)]
-    res = {}
     convs = ["--study", "convs", "--variants", "convnet,vgg,resnet,nhwc,nchw,im2col,s2d"]
-    res["convs_percore"] = spawn("convnet", [*convs[:-1], convs[-1] + ",torch_nchw,torch_cl", "--clock", "cpu",
-                                             "--pin-core", str(core), "--torch-threads", "1", *common])
-    res["convs_wall"] = spawn("convnet", [*convs, "--clock", "wall", *common])
-    res["bnpool_percore"] = spawn("convnet", ["--study", "bnpool", "--clock", "cpu", "--pin-core", str(core),
-                                              "--torch-threads", "1", *common])
     steps = ["--study", "steps", "--batches", "128", "--variants", STEP_VARIANTS]
-    res["steps_percore"] = spawn("convnet", [*steps, "--clock", "cpu", "--pin-core", str(core), "--torch-threads", "1",
-                                             *common])
-    res["steps_wall"] = spawn("convnet", [*steps, "--clock", "wall", *common])
-    res["flags"] = {}
+    runs = {
+        "convs_percore": lambda: spawn("convnet", [*convs[:-1], convs[-1] + ",torch_nchw,torch_cl", *pin, *common]),
+        "convs_wall": lambda: spawn("convnet", [*convs, "--clock", "wall", *common]),
+        "bnpool_percore": lambda: spawn("convnet", ["--study", "bnpool", *pin, *common]),
+        "steps_percore": lambda: spawn("convnet", [*steps, *pin, *common]),
+        "steps_wall": lambda: spawn("convnet", [*steps, "--clock", "wall", *common]),
+        "flags": lambda: _flag_runs(spawn, steps, core, common),
+    }
+    return {name: runs[name]() for name in STUDIES if name in chosen}
+
+
+def _flag_runs(spawn, steps, core, common) -> dict:
+    """The native convnet step under each of :data:`FLAG_SETS`, one core (CPU time) and all cores."""
+    res = {}
     for name, flag in FLAG_SETS.items():
         if name == "default":
             continue
         for clock, pin in (("cpu", ["--pin-core", str(core)]), ("wall", [])):
             r = spawn("convnet", [*steps, "--variants", "native", "--no-torch", "--clock", clock, *pin, *common],
                       env={"XLA_FLAGS": flag})
-            res["flags"][f"{name}/{clock}"] = {"flag": flag, **r}
+            res[f"{name}/{clock}"] = {"flag": flag, **r}
     return res
 
 
@@ -631,9 +644,10 @@ def markdown(res: dict) -> list[str]:
     pc, wl = res.get("steps_percore", {}), res.get("steps_wall", {})
     variants = [e["variant"] for e in pc.get("entries", []) if e["framework"] == "jax"] or \
         [e["variant"] for e in wl.get("entries", []) if e["framework"] == "jax"]
-    lines += ["### Whole train step, examples/s; PyTorch: the base model's peer, best of NCHW and channels_last", "",
-              "| variant | JAX one core (per CPU-s) | PyTorch one core | JAX / PyTorch | JAX all cores (wall) | "
-              "PyTorch all cores | JAX / PyTorch |", "|---|---|---|---|---|---|---|"]
+    if variants:
+        lines += ["### Whole train step, examples/s; PyTorch: the base model's peer, best of NCHW and channels_last",
+                  "", "| variant | JAX one core (per CPU-s) | PyTorch one core | JAX / PyTorch | JAX all cores (wall) | "
+                  "PyTorch all cores | JAX / PyTorch |", "|---|---|---|---|---|---|---|"]
     for v in variants:
         base = v.split("+")[0]
         base = "native" if base == "bfloat16" else base

@@ -14,16 +14,19 @@ Sections (``--sections``, comma-separated; default: all):
 
 * ``train``: examples/s of one jitted train step (:func:`rate_tuning.train.make_train_step`: loss, gradient,
   two-rate SGD update, BN running statistics and the step's metrics) for ``mlp``, ``convnet``, ``vgg``,
-  ``resnet`` at batch 128 and 1024 (``--quick``: 128 unless ``--batches`` says otherwise), float32 (and bfloat16 on accelerators), one device; next to it, in the
-  same process and interleaved repeat by repeat, the PyTorch peer (``benchmarks/torch_reference.py``: the
-  same network, exact BN, SGD with two parameter groups) eager, with ``torch.set_num_threads`` = the number
-  of cores JAX uses; the ratio is JAX/PyTorch examples/s. Wall clock.
-* ``parallel``: the same step data-parallel (:mod:`rate_tuning.parallel`) over every device (on a CPU
-  host: ``--xla_force_host_platform_device_count`` = number of cores, each "device" then shares the
-  same cores), blocking every step.
+  ``resnet`` at batch 128 and 1024 (``--quick``: 128 unless ``--batches`` says otherwise), float32 and, on
+  accelerators or with ``--bf16``, bfloat16, one device. Next to it, in the same process, the same dtype and
+  interleaved repeat by repeat, the PyTorch peer (``benchmarks/torch_reference.py``: the same network, exact
+  BN, SGD with two parameter groups) eager, on the device JAX runs on (:func:`torch_device`: the CPU with
+  ``torch.set_num_threads`` = the cores JAX uses, or CUDA with TF32 like JAX's default:
+  :func:`torch_precision_settings`); the ratio is JAX/PyTorch examples/s per model, batch and dtype. Wall clock.
+* ``parallel``: the same step data-parallel (:mod:`rate_tuning.parallel`) over every device, in the same
+  dtypes (on a CPU host: ``--xla_force_host_platform_device_count`` = number of cores, each "device" then
+  shares the same cores), blocking every step.
 * ``percore``: one core, one thread each (the process pinned to one core with ``sched_setaffinity``,
   which XLA and PyTorch both read), **CPU time** per step (``time.process_time``). On a machine shared
   with other jobs this is the load-robust comparison: time slices lost to other processes do not count.
+  CPU backend only (on an accelerator the section records that it was skipped).
 * ``curvature``: Hessian-vector product (:func:`proofs_check.curvature.hvp`) and Lanczos
   (:func:`proofs_check.curvature.lanczos`, 10 steps quick, 30 full, jitted as a whole) cost relative to one
   gradient, same loss and params (the mlp and the convnet at batch 128).
@@ -41,8 +44,9 @@ the inter-quartile range and the minimum; JAX and PyTorch alternate within each 
 the same background load. Retracing is checked: the step is wrapped in ``chex.assert_max_traces(n=1)``
 (a retrace raises AssertionError and fails the measurement); the jit dispatch-cache size is recorded too
 (2: the first call's Python-int ``step`` and the array ``step`` afterwards, one trace and one compilation). The load average before and
-after, the hardware (``/proc/cpuinfo`` model name, ``platform.processor()``, cores) and the versions are
-recorded in the JSON.
+after, the hardware (:func:`hardware`: the ``/proc/cpuinfo`` model name, family / model / stepping and
+vector extensions, ``platform.processor()``, cores, memory; the accelerator from the train section) and the
+versions are recorded in the JSON.
 
 Models (preset ``'paper'``: exact BN, epsilon = 0, two-pass variance; ``lr_w = lr_g = 0.1`` constant):
 
@@ -632,9 +636,16 @@ def run_worker(args) -> None:
 _WORKER_ENV: dict[str, str] = {}  # the allocator's environment, set by orchestrate for every subprocess
 
 
+GPU_MEMORY_FRACTION = "0.5"
+"""``XLA_PYTHON_CLIENT_MEM_FRACTION`` of every worker (unless set): on a GPU, JAX preallocates this share of
+the device's memory and leaves the rest to the PyTorch peer in the same process (JAX's default, 0.75,
+would leave it a quarter). No effect on CPU."""
+
+
 def _worker_environ() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("XLA_FLAGS", None)
+    e.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
     e.update(_WORKER_ENV)
     return e
 
@@ -696,7 +707,8 @@ def orchestrate(args) -> dict:
                            "batches": batches, "torch_threads": args.torch_threads or cores,
                            "preset": "paper (exact BN, eps=0, two-pass variance)", "lr_w": LR, "lr_g": LR,
                            "torch_layouts": args.torch_layouts, "torch_compile": args.torch_compile,
-                           "torch_omp_wait_policy": args.omp_wait_policy or "default"},
+                           "torch_omp_wait_policy": args.omp_wait_policy or "default",
+                           "xla_python_client_mem_fraction": _worker_environ()["XLA_PYTHON_CLIENT_MEM_FRACTION"]},
               "sections": {}}
     t_start = time.perf_counter()
     torch_flags = (["--torch-threads", str(args.torch_threads)] if args.torch_threads else []) + \
@@ -911,6 +923,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats and shorter repeats; proofs_check quick only")
     p.add_argument("--out", default=DEFAULT_OUT, help="directory of the JSON and Markdown results")
     p.add_argument("--sections", default=None, help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--convnet-studies", default=None,
+                   help="with the convnet section: comma-separated parts of it (default: all; "
+                        "benchmarks.convnet_study.STUDIES)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batches", default=None, help="comma-separated (default: 128 quick, 128,1024 full)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (>= 5; default 5 quick, 9 full)")

@@ -1,4 +1,6 @@
 """The benchmark suite's bookkeeping: the hardware it records and the tables it writes (no timing here)."""
+import pytest
+
 from benchmarks import run
 
 X86 = """processor\t: 0
@@ -72,3 +74,23 @@ def test_bf16_reaches_every_timing_worker():
     args = run.parse_args(["--quick", "--bf16"])
     assert "--bf16" in run._common(args)
     assert "--bf16" not in run._common(run.parse_args(["--quick"]))
+
+
+def test_the_convnet_section_runs_only_the_chosen_studies():
+    from benchmarks import convnet_study
+
+    calls = []
+
+    def spawn(worker, extra, env=None):
+        calls.append((worker, extra, env))
+        return {"entries": []}
+
+    args = run.parse_args(["--quick", "--sections", "convnet", "--convnet-studies", "convs_percore"])
+    out = convnet_study.orchestrate(args, spawn)
+    assert list(out) == ["convs_percore"] and len(calls) == 1
+    assert calls[0][1][:2] == ["--study", "convs"] and "--pin-core" in calls[0][1]
+    assert "torch_cl" in calls[0][1][3]
+    args = run.parse_args(["--sections", "convnet", "--convnet-studies", "convs,flags"])
+    with pytest.raises(SystemExit, match="unknown convnet studies"):
+        convnet_study.orchestrate(args, spawn)
+    assert len(calls) == 1  # nothing spawned for a bad name
