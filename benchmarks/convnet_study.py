@@ -6,11 +6,13 @@ stride-2 convolutions 16-32-64, exact BN, global average pool) on 32x32x3 inputs
 
 Studies:
 
-* ``convs``: each of the three convolutions alone, jitted: forward, gradient w.r.t. the input
-  (``dx``) and w.r.t. the kernel (``dk``), for four formulations of the same convolution:
-  ``nhwc`` (flax's layout, ``lax.conv_general_dilated`` NHWC/HWIO), ``nchw`` (NCHW/OIHW dimension
-  numbers), ``im2col`` (9 strided slices concatenated, then one matmul: every pass is a dot) and
-  ``s2d`` (space-to-depth: a stride-1 2x2 convolution on 4x the channels, kernel zero-padded to 4x4).
+* ``convs``: each distinct convolution of the convnet, the vgg and the resnet alone, jitted: forward,
+  gradient w.r.t. the input (``dx``) and w.r.t. the kernel (``dk``), for formulations of the same
+  convolution: ``nhwc`` (flax's layout, ``lax.conv_general_dilated`` NHWC/HWIO), ``nchw`` (NCHW/OIHW
+  dimension numbers), ``im2col`` (9 strided slices concatenated, then one matmul: every pass is a dot),
+  ``s2d`` (strided layers: space-to-depth, a stride-1 2x2 convolution on 4x the channels, kernel
+  zero-padded to 4x4), and for stride-1 3x3 layers ``shift`` (one matmul per kernel tap on a shifted slice)
+  and ``winograd`` (F(2x2, 3x3): 16 matmuls per 2x2 output tile instead of 36); the PyTorch (oneDNN) peer.
   The compiled HLO of each pass is inspected: which convolutions XLA hands to YNNPACK (``__ynn_fusion``)
   and which stay XLA ``convolution`` ops (Eigen), with their ``lhs_dilate`` / ``rhs_dilate``.
 * ``steps``: the whole train step (:func:`rate_tuning.train.make_train_step`) for variants of the model:
@@ -102,10 +104,58 @@ def conv_s2d(x, k, s):
     return y[:, :oh, :ow]
 
 
+def conv_shift(x, k, s):
+    """Stride 1: ``y = sum_ij shift_ij(x) @ K_ij``, one matmul per kernel tap on a shifted slice of the padded
+    input; its kernel gradient is then 9 matmuls ``shift_ij(x)^T dy`` (no convolution op in any pass)."""
+    import jax.numpy as jnp
+
+    n, h, w, c = x.shape
+    kh, kw, _, f = k.shape
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    return sum(jnp.dot(xp[:, i:i + h, j:j + w].reshape(-1, c), k[i, j]) for i in range(kh) for j in range(kw)
+               ).reshape(n, h, w, f)
+
+
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+
+
+def conv_winograd(x, k, s):
+    """Stride 1, 3x3: Winograd's F(2x2, 3x3) (Lavin & Gray 2016), ``Y = A^T [(G K G^T) . (B^T D B)] A`` on
+    4x4 input tiles at stride 2: 16 matmuls ``(N tiles, C) x (C, F)`` instead of 36 per 2x2 outputs (2.25x
+    fewer multiplications); the transforms are slices, adds and subtractions, and autodiff gives both
+    gradients as the transposed transforms around 16 matmuls."""
+    import jax
+    import jax.numpy as jnp
+
+    n, h, w, c = x.shape
+    f = k.shape[-1]
+    th, tw = (h + 1) // 2, (w + 1) // 2
+
+    def bt(v, axis, tiles):  # B^T along one axis: the four stride-2 slices, combined
+        d = [jax.lax.slice_in_dim(v, i, i + 2 * (tiles - 1) + 1, stride=2, axis=axis) for i in range(4)]
+        return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+    def at(m):  # A^T along a list of 4
+        return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    tiles = [b.reshape(-1, c) for a in bt(xp, 1, th) for b in bt(a, 2, tw)]  # 16 x (n th tw, c)
+    g = jnp.asarray(_WINOGRAD_G, k.dtype)
+    u = jnp.einsum("ik,klcf,jl->ijcf", g, k, g).reshape(16, c, f)
+    m = [jnp.dot(tiles[t], u[t]).reshape(n, th, tw, f) for t in range(16)]
+    rows = [at(m[j::4]) for j in range(4)]  # A^T over the tile's row index, for each column index j
+    y = [at([rows[j][p] for j in range(4)]) for p in range(2)]  # y[p][q]: output (2 t + p, 2 u + q)
+    out = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # n, th, 2, tw, 2, f
+    return out.reshape(n, 2 * th, 2 * tw, f)[:, :h, :w]
+
+
 STEP_VARIANTS = ("native,native+im2col,native+s2d,native+cbn,native+vbn,native+im2col+vbn,bfloat16,maxpool,"
                  "maxpool+rpool,vgg,vgg+rpool,vgg+cbn,vgg+vbn,vgg+rpool+vbn,resnet,resnet+cbn,resnet+vbn")
 
-IMPLS = {"nhwc": conv_native, "nchw": conv_nchw, "im2col": conv_im2col, "s2d": conv_s2d}
+IMPLS = {"nhwc": conv_native, "nchw": conv_nchw, "im2col": conv_im2col, "s2d": conv_s2d, "shift": conv_shift,
+         "winograd": conv_winograd}
+STRIDE1_3X3_ONLY = ("shift", "winograd")
 
 
 def _hlo_summary(compiled_text: str) -> dict[str, Any]:
@@ -144,7 +194,7 @@ def study_convs(args) -> dict:
         flops = 2 * ref.size * ksz * ksz * c
         for impl in impls:
             conv = IMPLS[impl]
-            if impl == "s2d" and stride == 1:
+            if (impl == "s2d" and stride == 1) or (impl in STRIDE1_3X3_ONLY and (stride, ksz) != (1, 3)):
                 continue
             xi, ki = (x.transpose(0, 3, 1, 2), k.transpose(3, 2, 0, 1)) if impl == "nchw" else (x, k)
             xi, ki = jnp.asarray(xi), jnp.asarray(ki)
@@ -595,7 +645,7 @@ def orchestrate(args, spawn) -> dict:
     core = max(os.sched_getaffinity(0))
     pin = ["--clock", "cpu", "--pin-core", str(core), "--torch-threads", "1"]
     common = ["--repeats", str(args.repeats), "--min-time", str(args.min_time)]
-    convs = ["--study", "convs", "--variants", "convnet,vgg,resnet,nhwc,nchw,im2col,s2d"]
+    convs = ["--study", "convs", "--variants", "convnet,vgg,resnet,nhwc,nchw,im2col,s2d,shift,winograd"]
     steps = ["--study", "steps", "--batches", "128", "--variants", STEP_VARIANTS]
     runs = {
         "convs_percore": lambda: spawn("convnet", [*convs[:-1], convs[-1] + ",torch_nchw,torch_cl", *pin, *common]),
