@@ -94,3 +94,34 @@ def test_the_convnet_section_runs_only_the_chosen_studies():
     with pytest.raises(SystemExit, match="unknown convnet studies"):
         convnet_study.orchestrate(args, spawn)
     assert len(calls) == 1  # nothing spawned for a bad name
+
+
+def test_the_pytorch_peer_runs_where_jax_runs_or_not_at_all():
+    torch = pytest.importorskip("torch")  # the optional `bench` extra
+    assert run.torch_device("cpu") == "cpu"
+    assert run.torch_device("tpu") is None
+    assert run.torch_device("gpu") == ("cuda" if torch.cuda.is_available() else None)
+    assert run.torch_precision_settings("cpu") == {"device": "cpu"}  # nothing changed on the CPU
+
+
+@pytest.mark.parametrize("arch", ["mlp", "convnet"])
+def test_the_pytorch_peer_trains_in_bfloat16(arch):
+    """The peer's bfloat16 step (parameters, BN statistics and activations in bfloat16, as the JAX entry it
+    is paired with) runs, keeps its dtypes and lowers the loss of a fixed batch; the float32 peer is the
+    control of the dtype check."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from benchmarks import torch_reference as tr
+    from rate_tuning import models
+
+    _, shape = run.MODELS[arch]
+    model = models.build(arch, "paper", **({"widths": (16,)} if arch == "mlp" else {"channels": (4, 8)}))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32,) + shape).astype(np.float32), rng.integers(0, 10, 32)
+    for dtype in (torch.bfloat16, torch.float32):
+        step, module, _ = tr.make_step(model, model.labels("layer"), shape, lr_w=0.1, lr_g=0.1, dtype=dtype)
+        xt, yt = tr.to_torch_batch(x, y, dtype)
+        losses = [float(step(xt, yt).detach()) for _ in range(20)]
+        assert {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers()} == {dtype}
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]
