@@ -116,7 +116,6 @@ def conv_shift(x, k, s):
                ).reshape(n, h, w, f)
 
 
-_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 
 
@@ -132,7 +131,7 @@ def conv_winograd(x, k, s):
     f = k.shape[-1]
     th, tw = (h + 1) // 2, (w + 1) // 2
 
-    def bt(v, axis, tiles):  # B^T along one axis: the four stride-2 slices, combined
+    def bt(v, axis, tiles):  # B^T (rows 1 0 -1 0 / 0 1 1 0 / 0 -1 1 0 / 0 1 0 -1) on the four stride-2 slices
         d = [jax.lax.slice_in_dim(v, i, i + 2 * (tiles - 1) + 1, stride=2, axis=axis) for i in range(4)]
         return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 

@@ -6,7 +6,7 @@ Usage::
     python -m benchmarks.profile_step --model vgg --pin-core 1 --top 30      # one core
     python -m benchmarks.profile_step --model convnet --conv-impl xla        # another conv_impl
 
-Builds the suite's model (:data:`benchmarks.run.MODELS`, preset ``'paper'``, float32), compiles
+Builds the suite's model, data and state (``benchmarks.run._jax_setup``: preset ``'paper'``, float32), compiles
 :func:`rate_tuning.train.make_train_step`, runs a few steps, then traces ``--steps`` more with
 ``jax.profiler.trace`` (a Perfetto trace) and prints, per step: the time of each compiled operation
 (XLA:CPU thunks such as ``ynn_fusion.12`` or ``transpose_copy_fusion.3``; kernels on a GPU), the same
@@ -54,21 +54,12 @@ def by_kind(times: dict[str, float]) -> dict[str, float]:
 def profile(model_name: str, batch: int, conv_impl: str, steps: int, hlo_path: str | None = None) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from benchmarks.run import LR, MODELS
-    from rate_tuning import models, optim, train
+    from benchmarks.run import _jax_setup
+    from rate_tuning import train
 
-    kw, shape = MODELS[model_name]
-    model = models.build(model_name, "paper", conv_impl=conv_impl, **kw)
-    labels = model.labels("layer")
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch,) + shape).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 10, batch))
-    v = jax.jit(model.init)(jax.random.key(0), x)
-    lr = optim.constant(LR)
-    state = train.TrainState.create(apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"],
-                                    tx=optim.two_rate_sgd(labels, lr, lr))
+    model, labels, lr, state, x, y, _ = _jax_setup(model_name, batch, conv_impl=conv_impl)
+    x, y = jnp.asarray(x), jnp.asarray(y)  # on the device once, not transferred every step
     step = train.make_train_step(model, labels, lr)
     for _ in range(3):  # compile and warm up
         state, _ = step(state, x, y)

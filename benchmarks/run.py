@@ -250,7 +250,7 @@ def loaded_allocator() -> str:
 # Workers (run in subprocesses).
 
 
-def _jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0):
+def _jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0, conv_impl: str = "auto"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -259,7 +259,7 @@ def _jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0):
 
     kw, shape = MODELS[arch]
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    model = models.build(arch, "paper", param_dtype=jdt, **kw)
+    model = models.build(arch, "paper", param_dtype=jdt, conv_impl=conv_impl, **kw)
     labels = model.labels("layer")
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch,) + shape).astype(np.float32)
@@ -392,8 +392,9 @@ def worker_train(args) -> dict:
     if args.clock == "cpu" and jax.default_backend() != "cpu":
         res["errors"] = [f"the CPU-time clock times the CPU backend, not {jax.default_backend()!r}: skipped"]
         return res
-    device = torch_device(jax.default_backend()) if _have_torch() and not args.no_torch else None
-    if device is None and _have_torch() and not args.no_torch:
+    want_torch = _have_torch() and not args.no_torch
+    device = torch_device(jax.default_backend()) if want_torch else None
+    if want_torch and device is None:
         res["torch_skipped"] = f"this torch build has no device for JAX's backend {jax.default_backend()!r}"
     if device is not None:
         res["torch_threads"] = _set_threads(args.torch_threads)
@@ -686,7 +687,9 @@ def _proofs(quick: bool, timeout: float) -> dict:
 
 
 def _common(args) -> list[str]:
-    return ["--repeats", str(args.repeats), "--min-time", str(args.min_time)] + (["--bf16"] if args.bf16 else [])
+    """The options every timing worker takes from the command line."""
+    return ["--repeats", str(args.repeats), "--min-time", str(args.min_time)] + \
+        (["--bf16"] if args.bf16 else []) + (["--no-torch"] if args.no_torch else [])
 
 
 def orchestrate(args) -> dict:

@@ -70,10 +70,10 @@ def test_a_missing_pytorch_peer_is_said_and_leaves_no_ratio():
     assert row.endswith("| - |")
 
 
-def test_bf16_reaches_every_timing_worker():
-    args = run.parse_args(["--quick", "--bf16"])
-    assert "--bf16" in run._common(args)
-    assert "--bf16" not in run._common(run.parse_args(["--quick"]))
+def test_bf16_and_no_torch_reach_every_timing_worker():
+    args = run.parse_args(["--quick", "--bf16", "--no-torch"])
+    assert {"--bf16", "--no-torch"} <= set(run._common(args))
+    assert not {"--bf16", "--no-torch"} & set(run._common(run.parse_args(["--quick"])))
 
 
 def test_the_convnet_section_runs_only_the_chosen_studies():
