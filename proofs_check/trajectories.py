@@ -39,6 +39,7 @@ import optax
 
 from rate_tuning import groups as G
 from rate_tuning import metrics as M
+from rate_tuning import record as R
 
 __all__ = ["Trajectory", "run", "optimizer_count"]
 
@@ -48,6 +49,8 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class Trajectory:
     """Per-step records of one run (numpy arrays; leading axis = step ``t = 0..T-1``).
+
+    The shared per-step quantities come from :func:`rate_tuning.record.step_record`, under its names.
 
     Per-group dicts are keyed by SI group name; a per-channel group gives ``(T, C)`` arrays. With
     ``record='path'`` the per-group dicts are empty and the per-group totals None.
@@ -65,10 +68,10 @@ class Trajectory:
       w_sq, w_sq_next: ``||w_t^(i)||^2`` and ``||w_{t+1}^(i)||^2``.
       grad_sq, grad_dot_w: ``||g_t^(i)||^2`` and ``<g_t^(i), w_t^(i)>`` of the applied gradient.
       update_sq, update_dot_w: ``||u_t^(i)||^2`` and ``<u_t^(i), w_t^(i)>``.
-      intrinsic_sq: ``||grad_{w^(i)} F_t(V_t; g_t)||^2`` per group, key ``'variant'`` for the g-block.
-      intrinsic_total: their sum (None with ``record='path'``).
-      effective_lr: ``lr_w(t) / ||w_t^(i)||^2``.
-      angular_update: angle between ``w_t^(i)`` and ``w_{t+1}^(i)`` (radians).
+      grad_sq_intrinsic_groups: ``||grad_{w^(i)} F_t(V_t; g_t)||^2`` per group, key ``'variant'`` for the g-block.
+      grad_sq_intrinsic: their sum (None with ``record='path'``).
+      eff_lr: ``lr_w(t) / ||w_t^(i)||^2``.
+      angle: angle between ``w_t^(i)`` and ``w_{t+1}^(i)`` (radians).
       variant_grad_sq: ``||g_t^{(variant)}||^2`` (the scale-variant block of the applied gradient).
       snapshot_steps: steps ``t`` at which ``snapshots`` were taken (multiples of ``snapshot_every``).
       snapshots: params before step ``t`` for ``t`` in ``snapshot_steps`` (leaves stacked on axis 0), or None.
@@ -93,10 +96,10 @@ class Trajectory:
     grad_dot_w: dict[str, np.ndarray]
     update_sq: dict[str, np.ndarray]
     update_dot_w: dict[str, np.ndarray]
-    intrinsic_sq: dict[str, np.ndarray]
-    intrinsic_total: np.ndarray
-    effective_lr: dict[str, np.ndarray]
-    angular_update: dict[str, np.ndarray]
+    grad_sq_intrinsic_groups: dict[str, np.ndarray]
+    grad_sq_intrinsic: np.ndarray
+    eff_lr: dict[str, np.ndarray]
+    angle: dict[str, np.ndarray]
     variant_grad_sq: np.ndarray
     snapshot_steps: np.ndarray
     snapshots: PyTree | None
@@ -238,22 +241,16 @@ def run(loss_or_problem, params: PyTree, labels: PyTree | None, tx: optax.Gradie
             lr_g_t = jnp.asarray(sched_g(count) if sched_g else jnp.nan, dt)
             rec.update(loss=value, count=count, lr_w=lr_w_t, lr_g=lr_g_t)
             if full:
-                w_sq = G.group_sq_norms(params, labels)
-                per_group, total = M.intrinsic_grad_sq_norms(grads, params, labels)
-                rec.update(
-                    w_sq=w_sq, w_sq_next=G.group_sq_norms(new_params, labels),
-                    grad_sq=G.group_sq_norms(grads, labels), grad_dot_w=G.group_inner(grads, params, labels),
-                    update_sq=G.group_sq_norms(updates, labels),
-                    update_dot_w=G.group_inner(updates, params, labels),
-                    intrinsic_sq=per_group, intrinsic_total=total,
-                    effective_lr={g: lr_w_t / v for g, v in w_sq.items()},
-                    angular_update=M.angular_update(params, new_params, labels),
-                    variant_grad_sq=M.variant_sq_norm(grads, labels),
-                )
+                q = R.step_record(params, new_params, grads, labels, lr_w_t)
+                rec.update({k: q[k] for k in (R.W_SQ, R.W_SQ_NEXT, R.GRAD_SQ, R.EFF_LR, R.ANGLE, R.INTRINSIC_GROUPS,
+                                              R.INTRINSIC)})
+                rec.update(grad_dot_w=G.group_inner(grads, params, labels), update_sq=G.group_sq_norms(updates, labels),
+                           update_dot_w=G.group_inner(updates, params, labels),
+                           variant_grad_sq=M.variant_sq_norm(grads, labels))
             if track_full:
                 full_value, full_grads = jax.value_and_grad(loss)(params)
                 rec["full_loss"] = full_value
-                rec["full_intrinsic_total"] = M.intrinsic_grad_sq_norms(full_grads, params, labels)[1]
+                rec["full_intrinsic_total"] = R.intrinsic(full_grads, params, labels)[1]
             return (new_params, opt_state, key), rec
 
         def chunk(carry, ts):
@@ -302,10 +299,10 @@ def run(loss_or_problem, params: PyTree, labels: PyTree | None, tx: optax.Gradie
         grad_dot_w=np_dict("grad_dot_w"),
         update_sq=np_dict("update_sq"),
         update_dot_w=np_dict("update_dot_w"),
-        intrinsic_sq=np_dict("intrinsic_sq"),
-        intrinsic_total=np.asarray(rec["intrinsic_total"]) if full else None,
-        effective_lr=np_dict("effective_lr"),
-        angular_update=np_dict("angular_update"),
+        grad_sq_intrinsic_groups=np_dict(R.INTRINSIC_GROUPS),
+        grad_sq_intrinsic=np.asarray(rec[R.INTRINSIC]) if full else None,
+        eff_lr=np_dict(R.EFF_LR),
+        angle=np_dict(R.ANGLE),
         variant_grad_sq=np.asarray(rec["variant_grad_sq"]) if full else None,
         snapshot_steps=np.arange(0, steps, k) if k else np.zeros((0,), np.int64),
         snapshots=jax.tree_util.tree_map(np.asarray, snaps) if k else None,

@@ -10,6 +10,8 @@ from rate_tuning.metrics import (angular_update, effective_lr, group_norms, intr
 from rate_tuning.models import PRESETS, batch_loss, build
 from rate_tuning.optim import inverse_sqrt, project_si_groups, schedule, two_rate_sgd
 from rate_tuning.sweep import SweepResult, bn_problem, grid, make_sweep, minibatch_fn, run_sweep
-from rate_tuning.train import TrainState, create_train_state, make_eval_step, make_train_step, train_and_evaluate
+from rate_tuning.record import step_record, summarize
+from rate_tuning.steps import TrainState, make_eval_step, make_train_step
+from rate_tuning.train import create_train_state, train_and_evaluate
 
 __version__ = "0.1.0"

@@ -1,26 +1,39 @@
-"""Checkpoints of a training run: save atomically, keep the last N, verify, restore past corrupt ones.
+"""Checkpoints of a training run on orbax's ``CheckpointManager``: atomic saves, a SHA-256 manifest, safe
+pruning, and restore past corrupt or unusable checkpoints.
 
 One checkpoint is one directory ``<directory>/step_<8 digits>/`` holding
 
-* ``state/``: the arrays, written by orbax-checkpoint (:class:`orbax.checkpoint.StandardCheckpointHandler`,
-  synchronous ``Checkpointer``: the save has finished when :func:`save` returns);
-* ``meta.json``: a JSON record (the step, the config, the data position, the RNG, versions), chosen by
-  the caller; it must hold ``"step"``;
-* ``MANIFEST.json``: the size and SHA-256 of every other file, and the format version.
+* ``state/``: the arrays (orbax ``StandardSave``);
+* ``meta.json``: a JSON record chosen by the caller (config, data position, versions...) with its
+  ``"step"``;
+* ``_CHECKPOINT_METADATA``, ``commit_success.txt``: orbax's own records of the save;
+* ``MANIFEST.json``: the format version, the step, and the size and SHA-256 of every other file, except
+  orbax's ``_CHECKPOINT_METADATA`` and ``commit_success.txt`` (orbax writes them as it commits).
 
-**Atomic.** Everything is written into a staging directory ``.tmp-step_<8 digits>-<pid>`` next to the
-checkpoints, the files are fsync'ed, and only then is the staging directory renamed to ``step_<8
-digits>`` (one ``rename``, atomic on POSIX file systems) and the parent fsync'ed. A process killed at any
-point leaves either a complete, verifiable checkpoint or a staging directory that is never read (and is
-removed by the next :func:`save`). Old checkpoints beyond ``keep`` are first renamed to ``.del-...`` and
-then deleted, so a kill during the deletion never leaves a half-deleted ``step_*`` directory either.
+Guarantees:
 
-**Verified.** orbax checks the integrity of its array data (OCDBT) but not of its JSON metadata, and a
-failed orbax restore prints asyncio tracebacks to stderr. So :func:`verify` checks the manifest first
-(every listed file present, with the listed size and SHA-256) and orbax only ever reads a checkpoint that
-passed; a truncated, modified or missing file is reported by name. :func:`latest_valid` walks from the
-newest checkpoint to the oldest, reports each corrupt one through ``warn`` (one line: its name and the
-reason) and returns the newest valid one.
+* **Atomic.** orbax (synchronous ``CheckpointManager``) writes into the staging directory
+  ``step_<8 digits>.orbax-checkpoint-tmp-<host>-<pid>``, ``meta.json`` is added, every file is fsync'ed,
+  :func:`seal` writes the
+  manifest, and orbax renames the staging directory to ``step_<8 digits>`` (atomic on POSIX). A process
+  killed before the rename leaves only its staging directory, which is never read (:func:`leftovers`).
+* **Staging belongs to its owner.** A save removes its own staging and deletion directories, and those of
+  processes of this host that no longer exist; never those of a live process.
+* **Safe pruning.** :func:`prune` counts only the checkpoints that pass :func:`verify`, up to the new step;
+  it keeps the newest ``keep`` (orbax's ``LatestN`` policy) and deletes older ones (renamed ``.del-...``
+  first, so a kill never leaves half a ``step_*``). A ``step_*`` that fails :func:`verify` is renamed
+  ``step_<8 digits>.corrupt-<pid>`` (set aside, never deleted) and counts for nothing.
+* **Verified.** Nothing is handed to orbax before the manifest checks out: every listed file present, of
+  the listed size and SHA-256; JSON files are read with a size limit and any nesting depth is an error,
+  not a crash. :func:`latest_valid` and :func:`restore_latest` walk from the newest checkpoint down and
+  report each one skipped through ``warn``, in one line.
+* **One-line errors.** :class:`CheckpointError` (unusable checkpoint) and :class:`CheckpointWriteError`
+  (save failed; its staging removed, earlier checkpoints untouched); orbax's logs are silenced while it
+  runs. With several JAX processes, the calling process alone writes.
+
+Crash-test seams: :func:`save` calls :func:`seal` (everything written and fsync'ed, before the rename) and
+:func:`prune` (after the rename) through this module's namespace, so a test can wrap either with
+``monkeypatch.setattr(checkpoint, "seal", ...)`` to crash the save at that point.
 
 Example::
 
@@ -28,40 +41,51 @@ Example::
                            {"step": 100}, keep=3)
     found = checkpoint.latest_valid("runs/a/checkpoints")      # CheckpointError if none is valid
     tree = checkpoint.restore(found.path, target)              # target: a tree of the same structure
+    found, tree = checkpoint.restore_latest("runs/a/checkpoints", target)  # skips those that do not fit
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 FORMAT_VERSION = 1
 """Version of the checkpoint layout; a checkpoint with another version is refused."""
 
 MANIFEST_FILE = "MANIFEST.json"
-META_FILE = "meta.json"
 ARRAYS_DIR = "state"
+META_FILE = "meta.json"
 STEP_PREFIX = "step_"
-STAGING_PREFIX = ".tmp-"
+MAX_JSON_BYTES = 16 << 20
+"""A ``MANIFEST.json`` or ``meta.json`` larger than this is refused unread."""
+
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax.checkpoint.path.atomicity.TMP_DIR_SUFFIX
 DELETING_PREFIX = ".del-"
+LEGACY_STAGING_PREFIX = ".tmp-"  # staging directories of format 1
+_ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")  # rewritten/written by orbax at commit
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_OWNED_RE = re.compile(r"^(?:step_\d{8,}" + re.escape(ORBAX_TMP) + r"|\.del-step_\d{8,})-(?P<host>.+)-(?P<pid>\d+)$")
+_LEGACY_RE = re.compile(r"^\.(?:tmp|del)-step_\d{8,}-(?P<pid>\d+)$")  # format 1: this host's
 _CHUNK = 1 << 20
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, permissions...); the staging directory was removed and the
+    """Writing a checkpoint failed (disk full, permissions...); its staging directory was removed and the
     earlier checkpoints are untouched."""
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (missing, truncated, modified, of another run); one line."""
+    """A checkpoint that cannot be used (missing, truncated, modified, of another model); one line."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
@@ -82,25 +106,23 @@ def step_name(step: int) -> str:
 
 
 def list_steps(directory: str) -> list[int]:
-    """The steps of the finalised checkpoint directories in ``directory``, ascending (not verified)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for m in map(_STEP_RE.match, names)
-                  if m and os.path.isdir(os.path.join(directory, m.group(0))))
+    """The steps of the checkpoint directories in ``directory`` (renamed into place by orbax: not staging,
+    not verified), ascending."""
+    return sorted(m.step for m in _name_format().find_all(os.path.abspath(directory)))
 
 
 def leftovers(directory: str) -> list[str]:
-    """Names of staging (``.tmp-*``) and half-deleted (``.del-*``) directories: traces of a killed process."""
+    """Names of staging (``step_*.orbax-checkpoint-tmp-*``, format 1's ``.tmp-*``) and half-deleted
+    (``.del-*``) directories: saves or deletions in progress, or traces of a killed process."""
     try:
-        return sorted(n for n in os.listdir(directory) if n.startswith((STAGING_PREFIX, DELETING_PREFIX)))
-    except FileNotFoundError:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    return sorted(n for n in names if ORBAX_TMP in n or n.startswith((LEGACY_STAGING_PREFIX, DELETING_PREFIX)))
 
 
 # ------------------------------------------------------------------------------------------------
-# Saving.
+# Files, owners, orbax.
 
 
 def _sha256(path: str) -> str:
@@ -112,36 +134,36 @@ def _sha256(path: str) -> str:
 
 
 def _files(root: str) -> list[str]:
-    """Relative paths of the regular files under ``root``, sorted, without the manifest."""
+    """Relative paths of the regular files under ``root`` that the manifest lists, sorted."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST_FILE:
-                out.append(rel.replace(os.sep, "/"))
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            if rel != MANIFEST_FILE and rel not in _ORBAX_COMMIT_FILES:
+                out.append(rel)
     return sorted(out)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: str) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0))
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        if not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
 
 
 def _write_json(path: str, obj) -> None:
@@ -152,40 +174,75 @@ def _write_json(path: str, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>``: who owns a staging or deletion directory."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
+def _stale(name: str) -> bool:
+    """Whether the leftover ``name`` is this process's or was left by a process of this host that is gone.
+    Directories of unknown owners (orbax's own staging names) or of other hosts are never stale."""
+    m = _OWNED_RE.match(name)
+    if m and m.group("host") != _host():
+        return False
+    m = m or _LEGACY_RE.match(name)
+    if not m:
+        return False
+    pid = int(m.group("pid"))
+    return pid == os.getpid() or (pid > 0 and not _alive(pid))
+
+
 def _remove(directory: str, name: str) -> None:
-    """Delete ``directory/name``: renamed to ``.del-<name>`` first, so a kill never leaves half of it."""
-    src = os.path.join(directory, name)
-    dst = os.path.join(directory, f"{DELETING_PREFIX}{name}-{os.getpid()}")
-    os.rename(src, dst)
+    """Delete ``directory/name``: renamed to ``.del-<name>-<host>-<pid>`` first, so a kill never leaves half
+    of a checkpoint under its name."""
+    dst = os.path.join(directory, f"{DELETING_PREFIX}{name}-{_owner_tag()}")
+    shutil.rmtree(dst, ignore_errors=True)  # ours, from an earlier failed deletion
+    os.rename(os.path.join(directory, name), dst)
     shutil.rmtree(dst, ignore_errors=True)
 
 
-def _orbax_checkpointer():
-    """orbax's checkpointer for this process alone: with several JAX processes (multi-host runs write from
-    process 0 only, numpy trees) orbax is told that no other process takes part, so it waits at no
-    cross-process barrier."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    if jax.process_count() == 1:
-        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                                 barrier_sync_key_prefix=f"rate_tuning_{me}")
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=options)
+def _set_aside(directory: str, name: str, kind: str = "corrupt") -> str | None:
+    """Rename ``directory/name`` to ``<name>.<kind>-<pid>[.n]`` (kept, never deleted); the new path, or None
+    if it vanished meanwhile."""
+    base = os.path.join(directory, f"{name}.{kind}-{os.getpid()}")
+    dst, n = base, 0
+    while os.path.lexists(dst):
+        n += 1
+        dst = f"{base}.{n}"
+    try:
+        os.rename(os.path.join(directory, name), dst)
+    except FileNotFoundError:
+        return None
+    return dst
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
-    """orbax logs the tracebacks of failures in its worker threads on the ``absl`` logger; we report the
-    failure ourselves, in one line, so those logs are silenced while orbax runs."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """orbax logs the tracebacks of failures in its worker threads on the ``absl`` logger (and asyncio on
+    its own); we report the failure ourselves, in one line, so those logs are silenced while orbax runs."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _one_line(e: BaseException) -> str:
@@ -193,59 +250,196 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def save(directory: str, step: int, tree, meta: dict, *, keep: int,
-         before_finalize: Callable[[], None] | None = None) -> str:
-    """Write the checkpoint of ``step`` atomically and delete all but the newest ``keep``; its path.
+def _multiprocessing_options():
+    """orbax's options for this process alone: with several JAX processes (multi-host runs write from
+    process 0 only, numpy trees), orbax is told that no other process takes part, so it waits at no
+    cross-process barrier."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"rate_tuning_{me}")
+
+
+@functools.lru_cache(maxsize=None)
+def _staging_class():
+    """orbax's atomic-rename staging path with two changes for a step directory (items inside it are
+    unchanged): the staging name carries its owner, ``<host>-<pid>`` (orbax's own name is the same in every
+    process, and orbax deletes an existing one before a save); and just before orbax renames it into place,
+    ``meta.json`` is added, every file fsync'ed and the directory sealed (:func:`seal`)."""
+    from orbax.checkpoint.path import atomicity
+
+    assert atomicity.TMP_DIR_SUFFIX == ORBAX_TMP, atomicity.TMP_DIR_SUFFIX
+
+    class OwnedStaging(atomicity.AtomicRenameTemporaryPath):
+        @classmethod
+        def from_final(cls, final_path, **kwargs):
+            if not _STEP_RE.match(final_path.name):
+                return super().from_final(final_path, **kwargs)
+            return cls(final_path.parent / f"{final_path.name}{ORBAX_TMP}-{_owner_tag()}", final_path, **kwargs)
+
+        async def finalize(self):
+            pending = _pending.get(os.fspath(self.get_final())) if _STEP_RE.match(self.get_final().name) else None
+            if pending is not None:
+                staging = os.fspath(self.get())
+                _write_json(os.path.join(staging, META_FILE), pending.meta)
+                _fsync_tree(staging)
+                if pending.hook is not None:
+                    pending.hook()
+                seal(staging, pending.meta["step"])  # through the module namespace: a crash-test seam
+            await super().finalize()
+
+    return OwnedStaging
+
+
+def _name_format():
+    import orbax.checkpoint as ocp
+
+    return ocp.path.step.standard_name_format(step_prefix=STEP_PREFIX.rstrip("_"), step_format_fixed_length=8,
+                                              temporary_path_cls=_staging_class())
+
+
+def _manager(directory: str):
+    """orbax's ``CheckpointManager`` for ``directory``: synchronous, ``step_<8 digits>`` names, keeps every
+    checkpoint (:func:`prune` deletes), cleans no staging directory (:func:`save` removes only stale ones),
+    writes no root metadata or metrics."""
+    import orbax.checkpoint as ocp
+
+    mp = _multiprocessing_options()
+    arrays = ocp.handlers.StandardCheckpointHandler(multiprocessing_options=mp)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(ARRAYS_DIR, ocp.args.StandardSave, arrays)
+    registry.add(ARRAYS_DIR, ocp.args.StandardRestore, arrays)
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=_name_format(), enable_async_checkpointing=False, cleanup_tmp_directories=False,
+        save_root_metadata=False, prevent_write_metrics=True, lightweight_initialize=True,
+        multiprocessing_options=mp, temporary_path_class=_staging_class())
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving.
+
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    meta: dict  # the meta.json record
+    hook: Callable[[], None] | None  # save(before_finalize=...), deprecated: until rate_tuning.train drops it
+
+
+_pending: dict[str, _Pending] = {}  # final path -> what the staging directory gets before it is sealed
+
+
+def save(directory: str, step: int, tree, meta: dict, *, keep: int, **legacy) -> str:
+    """Write the checkpoint of ``step`` atomically, then :func:`prune` to the newest ``keep``; its path.
 
     Args:
       directory: where the checkpoints live (created if missing).
       step: the step number (the directory name; also ``meta['step']``).
       tree: a pytree of arrays (jax or numpy, no Python scalars), saved by orbax.
       meta: a JSON-serialisable dict (strict JSON: no NaN); ``step`` is added.
-      keep: how many checkpoints to keep (>= 1); older ones are deleted after this one is complete.
-      before_finalize: called after everything is written and fsync'ed, just before the rename (a hook
-        for the crash tests).
+      keep: how many verified checkpoints to keep (>= 1), this one included.
 
-    An existing ``step_<step>`` (a corrupt checkpoint that was skipped on resume) is renamed to
-    ``step_<step>.corrupt-<pid>``, never deleted.
+    Stale staging directories (this process's, or of processes of this host that are gone) are removed
+    first. An existing ``step_<step>`` (a corrupt checkpoint skipped on resume) is renamed
+    ``step_<step>.corrupt-<pid>`` (``.replaced-<pid>`` if it verifies), never deleted.
+
+    Raises:
+      CheckpointWriteError: the checkpoint could not be written (one line); its staging directory is
+        removed and the earlier checkpoints are untouched.
     """
+    hook = legacy.pop("before_finalize", None)  # deprecated: wrap seal() instead
+    if legacy:
+        raise TypeError(f"save() got unexpected keyword arguments {sorted(legacy)}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep!r}")
     directory = os.path.abspath(directory)  # orbax takes absolute paths only
     os.makedirs(directory, exist_ok=True)
-    for name in leftovers(directory):  # staging dirs of killed processes: never valid, never read
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    for name in leftovers(directory):
+        if _stale(name):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     name = step_name(step)
-    staging = os.path.join(directory, f"{STAGING_PREFIX}{name}-{os.getpid()}")
-    os.makedirs(staging)
+    final = os.path.join(directory, name)
+    if os.path.lexists(final):
+        try:
+            verify(final)
+            _set_aside(directory, name, "replaced")
+        except CheckpointError:
+            _set_aside(directory, name)
+    staging = os.path.join(directory, f"{name}{ORBAX_TMP}-{_owner_tag()}")
     import orbax.checkpoint as ocp
 
     try:
-        with _quiet_orbax():
-            _orbax_checkpointer().save(os.path.join(staging, ARRAYS_DIR), args=ocp.args.StandardSave(tree))
-        _write_json(os.path.join(staging, META_FILE), {**meta, "step": int(step)})
-        files = {}
-        for rel in _files(staging):
-            path = os.path.join(staging, rel)
-            _fsync_file(path)
-            files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-        _write_json(os.path.join(staging, MANIFEST_FILE),
-                    {"format": FORMAT_VERSION, "step": int(step), "files": files})
-        for dirpath, _, _ in os.walk(staging):
-            _fsync_dir(dirpath)
+        record = json.loads(json.dumps({**meta, "step": int(step)}, allow_nan=False))
+        _pending[final] = _Pending(record, hook)
+        with _quiet_orbax(), _manager(directory) as manager:
+            manager.save(int(step), force=True, args=ocp.args.Composite(**{ARRAYS_DIR: ocp.args.StandardSave(tree)}))
+        if not os.path.isdir(final):
+            raise OSError(f"orbax did not create {name}")
+        _fsync(directory)
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write checkpoint {name} in {directory}: {_one_line(e)}") from e
-    if before_finalize is not None:
-        before_finalize()
-    final = os.path.join(directory, name)
-    if os.path.exists(final):
-        os.rename(final, f"{final}.corrupt-{os.getpid()}")
-    os.rename(staging, final)
-    _fsync_dir(directory)
-    for old in list_steps(directory)[:-keep]:
-        _remove(directory, step_name(old))
+        raise CheckpointWriteError(f"could not write checkpoint {name} in {directory}: {_one_line(e)}") from None
+    finally:
+        _pending.pop(final, None)
+    prune(directory, keep, newest=int(step))  # through the module namespace: a crash-test seam
     return final
+
+
+def seal(staging: str, step: int) -> None:
+    """Crash-test seam: write the manifest (fsync'ed) of the complete, fsync'ed staging directory of
+    ``step``. Called by :func:`save` just before orbax renames ``staging`` to ``step_<8 digits>``: the
+    checkpoint counts from that rename on, so a process killed before or during ``seal`` leaves only a
+    staging directory."""
+    files = {}
+    for rel in _files(staging):
+        path = os.path.join(staging, *rel.split("/"))
+        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    _write_json(os.path.join(staging, MANIFEST_FILE), {"format": FORMAT_VERSION, "step": int(step), "files": files})
+    _fsync(staging)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:  # orbax's PolicyCheckpointInfo
+    step: int
+    time: datetime.datetime = datetime.datetime.min
+    metrics: dict | None = None
+
+
+def prune(directory: str, keep: int, *, newest: int) -> list[int]:
+    """Crash-test seam: delete the checkpoints beyond the newest ``keep`` verified ones; the steps deleted.
+
+    Called by :func:`save` once the checkpoint of step ``newest`` is in place. Only checkpoints that pass
+    :func:`verify` with a step up to ``newest`` count; orbax's ``LatestN(keep)`` preservation policy picks
+    the ones to keep, and the newest valid one is always kept. A ``step_*`` directory that fails
+    :func:`verify` (not a checkpoint, corrupt) is renamed ``step_<8 digits>.corrupt-<pid>`` and kept; a
+    valid one of a later step (another history) is left alone.
+    """
+    from orbax.checkpoint import checkpoint_managers
+
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+    valid = []
+    for step in list_steps(directory):
+        name = step_name(step)
+        try:
+            verify(os.path.join(directory, name))
+        except CheckpointError:
+            _set_aside(directory, name)
+            continue
+        if step <= newest:
+            valid.append(step)
+    if not valid:
+        return []
+    infos = [_Info(step) for step in valid]
+    preserve = checkpoint_managers.LatestN(n=keep).should_preserve(
+        infos, context=checkpoint_managers.PreservationContext())
+    doomed = [info.step for info, kept in zip(infos, preserve) if not kept and info.step != valid[-1]]
+    for step in doomed:
+        _remove(directory, step_name(step))
+    return doomed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,12 +447,22 @@ def save(directory: str, step: int, tree, meta: dict, *, keep: int,
 
 
 def _read_json(path: str, what: str) -> dict:
+    """The JSON object in ``path``; :class:`CheckpointError` (naming ``what``) if it is missing, larger than
+    :data:`MAX_JSON_BYTES`, not JSON, nested too deeply for the parser, or not an object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise CheckpointError(f"{what} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{what} is unreadable ({_one_line(e)})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} is unreadable (larger than {MAX_JSON_BYTES >> 20} MiB)")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{what} is unreadable (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{what} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} is not a JSON object")
@@ -270,8 +474,8 @@ def verify(path: str) -> dict:
 
     Raises:
       CheckpointError: a missing or unreadable manifest, another format version, a listed file that is
-        missing, of another size (truncated) or of another SHA-256 (modified), or a ``meta.json`` whose
-        step is not the directory's. The message is the reason, without the path.
+        missing, of another size (truncated) or of another SHA-256 (modified), or a manifest or
+        ``meta.json`` whose step is not the directory's. The message is the reason, without the path.
     """
     if not os.path.isdir(path):
         raise CheckpointError("not a directory")
@@ -283,7 +487,10 @@ def verify(path: str) -> dict:
     if not isinstance(files, dict) or META_FILE not in files:
         raise CheckpointError(f"{MANIFEST_FILE} lists no files")
     for rel, entry in sorted(files.items()):
-        full = os.path.join(path, *rel.split("/"))
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise CheckpointError(f"{MANIFEST_FILE} lists a path outside the checkpoint ({rel[:100]!r})")
+        full = os.path.join(path, *parts)
         try:
             size = os.path.getsize(full)
         except OSError:
@@ -293,11 +500,56 @@ def verify(path: str) -> dict:
                                   f"{entry.get('size') if isinstance(entry, dict) else '?'})")
         if _sha256(full) != entry.get("sha256"):
             raise CheckpointError(f"file {rel} is corrupt (its SHA-256 differs from the manifest's)")
-    meta = _read_json(os.path.join(path, META_FILE), META_FILE)
+    meta = _read_json(os.path.join(path, *META_FILE.split("/")), META_FILE)
     m = _STEP_RE.match(os.path.basename(os.path.normpath(path)))
-    if m and meta.get("step") != int(m.group(1)):
-        raise CheckpointError(f"{META_FILE} says step {meta.get('step')!r}, the directory step {int(m.group(1))}")
+    if m:
+        step = int(m.group(1))
+        for what, said in ((MANIFEST_FILE, manifest.get("step")), (META_FILE, meta.get("step"))):
+            if said != step:
+                raise CheckpointError(f"{what} says step {said!r}, the directory step {step}")
     return meta
+
+
+def _restore_arrays(path: str, target):
+    """The arrays of the (verified) checkpoint ``path``; :class:`CheckpointError` with orbax's reason."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with _quiet_orbax():
+            checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_multiprocessing_options())
+            return checkpointer.restore(os.path.join(os.path.abspath(path), ARRAYS_DIR),
+                                        args=ocp.args.StandardRestore(target))
+    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, TypeError...: say which, no traceback
+        raise CheckpointError(_one_line(e)) from None
+
+
+def _walk(directory: str, warn: Callable[[str], None] | None, load) -> tuple[Found, Any]:
+    """The newest checkpoint that verifies and that ``load(path)`` accepts, and what it returned."""
+    warn = warn or _stderr_warning
+    steps = list_steps(directory)
+    if not steps:
+        extra = leftovers(directory)
+        hint = f" (only the incomplete save {extra[0]}, ignored)" if extra else ""
+        raise CheckpointError(f"no checkpoint in {directory}{hint}")
+    failures: list[tuple[str, str, str]] = []  # name, what for the warning, reason
+    for step in reversed(steps):
+        name = step_name(step)
+        path = os.path.join(directory, name)
+        try:
+            meta = verify(path)
+        except CheckpointError as e:
+            failures.append((name, f"is corrupt ({e})", str(e)))
+            continue
+        try:
+            loaded = load(path)
+        except CheckpointError as e:
+            reason = f"cannot be restored into this model's state ({e})"
+            failures.append((name, reason, reason))
+            continue
+        for failed, what, _ in failures:
+            warn(f"checkpoint {failed} {what}; falling back to {name}")
+        return Found(step, path, meta), loaded
+    raise CheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(f"{n}: {r}" for n, _, r in failures))
 
 
 def latest_valid(directory: str, warn: Callable[[str], None] | None = None) -> Found:
@@ -310,25 +562,20 @@ def latest_valid(directory: str, warn: Callable[[str], None] | None = None) -> F
     Raises:
       CheckpointError: no checkpoint at all, or none valid (the message names each and its reason).
     """
-    warn = warn or _stderr_warning
-    steps = list_steps(directory)
-    if not steps:
-        extra = leftovers(directory)
-        hint = f" (only the incomplete save {extra[0]}, ignored)" if extra else ""
-        raise CheckpointError(f"no checkpoint in {directory}{hint}")
-    failures = []
-    for step in reversed(steps):
-        path = os.path.join(directory, step_name(step))
-        try:
-            meta = verify(path)
-        except CheckpointError as e:
-            failures.append(f"{step_name(step)}: {e}")
-            continue
-        for failure in failures:
-            name, reason = failure.split(": ", 1)
-            warn(f"checkpoint {name} is corrupt ({reason}); falling back to {step_name(step)}")
-        return Found(step, path, meta)
-    raise CheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(failures))
+    return _walk(directory, warn, lambda path: None)[0]
+
+
+def restore_latest(directory: str, target, warn: Callable[[str], None] | None = None) -> tuple[Found, Any]:
+    """The newest checkpoint in ``directory`` that passes :func:`verify` and that orbax restores into the
+    structure of ``target``, and its arrays.
+
+    Each newer checkpoint skipped is reported through ``warn`` (one line), e.g. ``checkpoint step_00000040
+    cannot be restored into this model's state (ValueError: ...); falling back to step_00000030``.
+
+    Raises:
+      CheckpointError: no checkpoint, or none that verifies and restores (naming each and its reason).
+    """
+    return _walk(directory, warn, lambda path: _restore_arrays(path, target))
 
 
 def restore(path: str, target=None):
@@ -341,25 +588,21 @@ def restore(path: str, target=None):
       CheckpointError: the checkpoint fails :func:`verify`, or its arrays do not fit ``target`` (another
         model), naming the checkpoint.
     """
-    path = os.path.abspath(path)  # orbax takes absolute paths only
-    name = os.path.basename(path)
+    name = os.path.basename(os.path.normpath(path))
     try:
         verify(path)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {name} is corrupt ({e})") from None
-    import orbax.checkpoint as ocp
-
     try:
-        with _quiet_orbax():
-            return _orbax_checkpointer().restore(os.path.join(path, ARRAYS_DIR),
-                                                 args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, TypeError...: say which, no traceback
-        raise CheckpointError(f"checkpoint {name} cannot be restored into this model's state: {_one_line(e)}") from None
+        return _restore_arrays(path, target)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {name} cannot be restored into this model's state: {e}") from None
 
 
 def _stderr_warning(message: str) -> None:
     print(f"rate-tuning: warning: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "FORMAT_VERSION", "Found", "latest_valid", "leftovers", "list_steps", "restore",
-           "save", "step_name", "verify"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "FORMAT_VERSION", "Found", "MANIFEST_FILE", "META_FILE",
+           "latest_valid", "leftovers", "list_steps", "prune", "restore", "restore_latest", "save", "seal",
+           "step_name", "verify"]

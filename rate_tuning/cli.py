@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e))
         args.devices = None  # the mesh spans every device of every process
 
-    from rate_tuning import train
+    from rate_tuning import steps, train
 
     if args.resume and not args.workdir:
         return _fail("--resume needs --workdir, the directory of the run to continue")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         train.train_and_evaluate(config, workdir, verbose=not args.quiet, resume=args.resume, devices=args.devices)
     except ValueError as e:  # ConfigError, DataError, LabelError, CheckpointError and the library's ValueErrors
         return _fail(str(e) or type(e).__name__)
-    except train.DivergenceError as e:
+    except steps.DivergenceError as e:
         return _fail(str(e), EXIT_DIVERGED)
     except OSError as e:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""

@@ -1,6 +1,6 @@
 """Data-parallel training over a mesh of devices (one host or many): the same step, placed on a mesh.
 
-The step is :func:`rate_tuning.train.make_train_step` unchanged. Data parallelism is a matter of where the
+The step is :func:`rate_tuning.steps.make_train_step` unchanged. Data parallelism is a matter of where the
 inputs live:
 
 * the batch is sharded along the mesh axis ``'data'`` (each device holds ``B / n`` examples);
@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rate_tuning import steps
 
 DATA_AXIS = "data"
 """Name of the mesh axis the batch is sharded along."""
@@ -171,9 +173,9 @@ def to_host(tree):
 
 def make_parallel_train_step(model, labels, lr_w, mesh: Mesh, *, max_traces: int | None = None,
                              check_finite: bool = False) -> Callable[[Any, Any, Any], tuple[Any, dict]]:
-    """``step(state, x, y) -> (state, metrics)``: :func:`rate_tuning.train.make_train_step` on ``mesh``.
+    """``step(state, x, y) -> (state, metrics)``: :func:`rate_tuning.steps.make_train_step` on ``mesh``.
 
-    The function is the single-device step itself, jitted again with explicit shardings: ``state``
+    The function is the single-device step itself (unjitted), jitted once with explicit shardings: ``state``
     replicated, ``(x, y)`` sharded along ``'data'``, the new state and the metrics replicated. BatchNorm
     statistics, loss, gradient and metrics are those of the global batch (see the module docstring).
 
@@ -183,14 +185,12 @@ def make_parallel_train_step(model, labels, lr_w, mesh: Mesh, *, max_traces: int
     ``.mesh``.
 
     Args:
-      model, labels, lr_w: as for :func:`rate_tuning.train.make_train_step`.
+      model, labels, lr_w: as for :func:`rate_tuning.steps.make_train_step`.
       mesh: from :func:`data_mesh`.
-      max_traces, check_finite: as for :func:`rate_tuning.train.make_train_step` (a retrace raises; the
+      max_traces, check_finite: as for :func:`rate_tuning.steps.make_train_step` (a retrace raises; the
         ``finite`` flags of a diverging step).
     """
-    from rate_tuning import train  # deferred: train imports configs, data, models...
-
-    inner = train.make_train_step(model, labels, lr_w, max_traces=max_traces, check_finite=check_finite)
+    inner = steps.make_train_step(model, labels, lr_w, max_traces=max_traces, check_finite=check_finite, jit=False)
     repl, data = replicated_sharding(mesh), batch_sharding(mesh)
     jitted = jax.jit(inner, in_shardings=(repl, data, data), out_shardings=(repl, repl), donate_argnums=())
 

@@ -38,7 +38,7 @@ Example::
     g = grid(lr_w=[0.01, 1.0, 100.0], lr_g=[0.1], seeds=[0, 1])
     res = run_sweep(loss_fn, init_fn, labels, lr_w=g.lr_w, lr_g=g.lr_g, seeds=g.seeds, steps=1000,
                     shape=g.shape)
-    res.reshape(res.grad_sq)          # (3, 1, 2, records)
+    res.reshape(res.grad_sq_intrinsic)  # (3, 1, 2, records)
 
 Paper: Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch Normalization", ICLR 2019; the
 sweeps of claims C9-C12, C14-C18, C22, C23 (GD and SGD theorems, App. D).
@@ -56,8 +56,8 @@ import optax
 
 from rate_tuning import data
 from rate_tuning import groups as G
-from rate_tuning import metrics as M
 from rate_tuning import models, optim
+from rate_tuning import record as R
 
 __all__ = ["AUTO_VMAP_MAX_FLOPS", "BNProblem", "Grid", "Sweep", "SweepResult", "bn_problem", "choose_strategy",
            "grid", "make_sweep", "minibatch_fn", "run_sweep", "step_flops"]
@@ -127,8 +127,9 @@ class SweepResult:
     Per-channel groups (``Label.per_channel``): ``w_sq`` holds the **sum** over channels, i.e. the squared
     norm of the whole leaf (it obeys Lemma 2.4 too: the sum of the per-channel identities), and ``eff_lr``
     the **mean** over channels of ``lr_w(t) / ||w_c||^2`` (the convention of
-    :func:`rate_tuning.train.step_metrics`); with ``keep_channels=True`` both keep a trailing channel axis
-    ``(runs, records, C)``. ``grad_sq_groups`` is always summed over channels (it adds up to ``grad_sq``).
+    :func:`rate_tuning.record.summarize`); with ``keep_channels=True`` both keep a trailing channel axis
+    ``(runs, records, C)``. ``grad_sq_intrinsic_groups`` is always summed over channels (it adds up to ``grad_sq_intrinsic``).
+    Field names are those of :mod:`rate_tuning.record`.
 
     Attributes:
       lr_w, lr_g, seeds: the run grid, ``(runs,)``.
@@ -136,8 +137,8 @@ class SweepResult:
       steps: number of steps ``T`` of every run.
       record_steps: the steps ``t`` recorded, ``(records,)``: ``0, k, 2k, ... < T``.
       loss: ``F_t(theta_t)``, the loss differentiated at step ``t`` (a mini-batch loss for SGD).
-      grad_sq: ``||grad F_t(V_t; g_t)||^2``, the intrinsic gradient norm squared (all groups + variant block).
-      grad_sq_groups: its parts: per SI group, and ``'variant'`` for the scale-variant block.
+      grad_sq_intrinsic: ``||grad F_t(V_t; g_t)||^2``, the intrinsic gradient norm squared (all groups + variant block).
+      grad_sq_intrinsic_groups: its parts: per SI group, and ``'variant'`` for the scale-variant block.
       w_sq: ``||w_t^(i)||^2`` per SI group.
       eff_lr: ``lr_w(t) / ||w_t^(i)||^2`` per SI group.
       lr_w_t, lr_g_t: the learning rates of step ``t`` (the schedule at the optimizer's step count).
@@ -156,8 +157,8 @@ class SweepResult:
     steps: int
     record_steps: np.ndarray
     loss: np.ndarray
-    grad_sq: np.ndarray
-    grad_sq_groups: dict[str, np.ndarray]
+    grad_sq_intrinsic: np.ndarray
+    grad_sq_intrinsic_groups: dict[str, np.ndarray]
     w_sq: dict[str, np.ndarray]
     eff_lr: dict[str, np.ndarray]
     lr_w_t: np.ndarray
@@ -295,21 +296,21 @@ class Sweep:
             return self.loss_fn(params)
         return self.loss_fn(params, self.batch_fn(seed, t))
 
-    def _metrics(self, params, grads, loss, lr_w_t, lr_g_t):
+    def _metrics(self, params, new_params, grads, loss, lr_w_t, lr_g_t):
+        """The step's :func:`rate_tuning.record.step_record`, per-channel groups reduced (class docstring)."""
         labels = self.labels
-        w_sq = G.group_sq_norms(params, labels)
-        per_group, total = M.intrinsic_grad_sq_norms(grads, params, labels)
-        rec = {"loss": loss, "grad_sq": total, "lr_w_t": lr_w_t, "lr_g_t": lr_g_t,
-               "grad_sq_groups": per_group, "w_sq": {}, "eff_lr": {}}
-        for k, v in w_sq.items():
-            eff = lr_w_t / v
+        q = R.step_record(params, new_params, grads, labels, lr_w_t, loss=loss)
+        rec = {R.LOSS: loss, R.INTRINSIC: q[R.INTRINSIC], "lr_w_t": lr_w_t, "lr_g_t": lr_g_t,
+               R.INTRINSIC_GROUPS: q[R.INTRINSIC_GROUPS], R.W_SQ: {}, R.EFF_LR: {}}
+        for k, v in q[R.W_SQ].items():
+            eff = q[R.EFF_LR][k]
             if v.ndim and not self.keep_channels:
                 v, eff = jnp.sum(v), jnp.mean(eff)
-            rec["w_sq"][k], rec["eff_lr"][k] = v, eff
+            rec[R.W_SQ][k], rec[R.EFF_LR][k] = v, eff
         if self.full_loss_fn is not None:
             full, full_grads = jax.value_and_grad(self.full_loss_fn)(params)
             rec["full_loss"] = full
-            rec["full_grad_sq"] = M.intrinsic_grad_sq_norms(full_grads, params, labels)[1]
+            rec["full_grad_sq"] = R.intrinsic(full_grads, params, labels)[1]
         return rec
 
     def _single_run(self, params, lr_w, lr_g, seed):
@@ -328,7 +329,7 @@ class Sweep:
             bad = jnp.where((bad < 0) & ~finite, t, bad)
             rec = None
             if record:  # the rates of this step: the optimizer's step count is t
-                rec = self._metrics(params, grads, loss, jnp.asarray(sched_w(t), lr_w.dtype),
+                rec = self._metrics(params, new_params, grads, loss, jnp.asarray(sched_w(t), lr_w.dtype),
                                     jnp.asarray(sched_g(t), lr_g.dtype))
             return (new_params, opt_state, bad), rec
 
@@ -404,8 +405,9 @@ class Sweep:
         k = self.record_every
         return SweepResult(
             lr_w=lr_w, lr_g=lr_g, seeds=seeds, shape=None if shape is None else tuple(shape), steps=self.steps,
-            record_steps=np.arange(0, self.steps, k), loss=rec["loss"], grad_sq=rec["grad_sq"],
-            grad_sq_groups=dict(rec["grad_sq_groups"]), w_sq=dict(rec["w_sq"]), eff_lr=dict(rec["eff_lr"]),
+            record_steps=np.arange(0, self.steps, k), loss=rec[R.LOSS],
+            grad_sq_intrinsic=rec[R.INTRINSIC], grad_sq_intrinsic_groups=dict(rec[R.INTRINSIC_GROUPS]),
+            w_sq=dict(rec[R.W_SQ]), eff_lr=dict(rec[R.EFF_LR]),
             lr_w_t=rec["lr_w_t"], lr_g_t=rec["lr_g_t"], full_loss=rec.get("full_loss"),
             full_grad_sq=rec.get("full_grad_sq"), final_loss=np.asarray(out["final_loss"]),
             diverged=np.asarray(out["diverged"]), final_params=out.get("final_params"),

@@ -405,7 +405,7 @@ def test_any_value_is_parsed_and_validated_or_a_config_error(key, text):
     """parse_value and validate_config raise ConfigError and nothing else, whatever the text."""
     try:
         config = configs.override(BASE, [f"{key}={text}"])
-        train.validate_config(config)
+        configs.validate(config)
     except ConfigError:
         return
 

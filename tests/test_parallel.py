@@ -5,7 +5,7 @@ The multi-device checks run in subprocesses, because the device count is fixed w
 
 * ``8dev``: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, float64, an MLP and a convnet (exact
   BN, preset ``paper``). Against the independent single-device computation (plain
-  ``train.make_train_step`` on one device with the whole batch) after 2 steps: params, BN running
+  ``steps.make_train_step`` on one device with the whole batch) after 2 steps: params, BN running
   statistics and every metric agree to round-off; Lemma 2.4's identity
   ``||w_1||^2 - ||w_0||^2 = lr_w^2 ||grad_w F(theta_0)||^2`` holds per group for the sharded step's params
   with the single-device full-batch gradient; the compiled step contains all-reduces and each device
@@ -81,7 +81,7 @@ def worker_8dev(out_path: str) -> None:
     import jax.numpy as jnp
 
     from rate_tuning import groups as G
-    from rate_tuning import models, parallel, train
+    from rate_tuning import models, parallel, steps, train
 
     report = {"device_count": jax.device_count()}
     with jax.enable_x64(True):
@@ -90,7 +90,7 @@ def worker_8dev(out_path: str) -> None:
             setup, x, y = _problem(arch, 64)
             model, labels, lr_w = setup.model, setup.labels, setup.lr_w
             # reference: one device, whole batch, the plain step
-            single = train.make_train_step(model, labels, lr_w)
+            single = steps.make_train_step(model, labels, lr_w)
             ref1, m_ref = single(setup.state, jnp.asarray(x), jnp.asarray(y))
             ref2, m_ref2 = single(ref1, jnp.asarray(x), jnp.asarray(y))
             # the same step on 8 devices
@@ -148,7 +148,7 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
 
     if mode == "dist":
         parallel.distributed_initialize(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60)
-    from rate_tuning import data, train
+    from rate_tuning import data, steps, train
 
     with jax.enable_x64(True):
         setup, x, y = _problem("mlp", 128)
@@ -157,7 +157,7 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
             step = parallel.make_parallel_train_step(setup.model, setup.labels, setup.lr_w, mesh)
             state = parallel.replicate(mesh, setup.state)
         else:
-            step, state = train.make_train_step(setup.model, setup.labels, setup.lr_w), setup.state
+            step, state = steps.make_train_step(setup.model, setup.labels, setup.lr_w), setup.state
         losses = []
         for t in range(steps):
             xb, yb = data.batch_at(x, y, batch, 0, t)  # the same global batch in every process

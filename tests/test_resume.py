@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from rate_tuning import checkpoint as ckpt
-from rate_tuning import cli, configs, train
+from rate_tuning import cli, configs, rundir, steps, train
 
 TINY = ["data_kwargs.n_train=64", "data_kwargs.n_test=32", "data_kwargs.dim=6", "data_kwargs.num_classes=3",
         "data_kwargs.seed=1", "arch_kwargs.widths=8,8", "batch_size=16", "seed=3", "dtype=float64",
@@ -43,7 +43,7 @@ def tiny_config(*extra: str) -> configs.Config:
 
 def final_state(workdir) -> dict:
     """The arrays of the newest checkpoint (the final one after a complete run), float64 kept."""
-    found = ckpt.latest_valid(os.path.join(str(workdir), train.CHECKPOINTS_DIR))
+    found = ckpt.latest_valid(os.path.join(str(workdir), rundir.CHECKPOINTS_DIR))
     with jax.enable_x64(True):
         return found.step, jax.device_get(ckpt.restore(found.path))
 
@@ -171,7 +171,7 @@ def test_interrupted_twice_with_a_corrupt_checkpoint_and_resumed_in_process(refe
     run = tmp_path / "run"
     _interrupt(monkeypatch, run, "metrics:7")  # half of the record of step 7 is written
     seen = []
-    records = train.read_metrics(str(run / "metrics.jsonl"), warn=seen.append)
+    records = rundir.read_metrics(str(run / "metrics.jsonl"), warn=seen.append)
     assert records[-1]["step"] == 6 and len(seen) == 1 and "skipped a truncated last line" in seen[0]
     capsys.readouterr()
 
@@ -230,13 +230,13 @@ def test_read_metrics_skips_only_a_truncated_last_line(tmp_path):
     text = "".join(json.dumps(r) + "\n" for r in good)
     path.write_text(text + '{"step": 2, "spl')
     seen = []
-    assert train.read_metrics(str(path), warn=seen.append) == good
+    assert rundir.read_metrics(str(path), warn=seen.append) == good
     assert len(seen) == 1 and "skipped a truncated last line" in seen[0] and "line 3" in seen[0]
     path.write_text(text + json.dumps({"step": 2}))  # complete record, killed before its newline
-    assert train.read_metrics(str(path), warn=pytest.fail)[-1] == {"step": 2}
+    assert rundir.read_metrics(str(path), warn=pytest.fail)[-1] == {"step": 2}
     path.write_text('{"step": 0}\n{"ste\n{"step": 2}\n')  # damage in the middle is not a kill: an error
-    with pytest.raises(train.MetricsError, match="line 2 is not a metrics record"):
-        train.read_metrics(str(path))
+    with pytest.raises(rundir.MetricsError, match="line 2 is not a metrics record"):
+        rundir.read_metrics(str(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_too_large_lr_g_diverges_exit_3_naming_the_step_and_groups(tmp_path, cap
                              "lr_g=1e+100), 'bn0:affine' (scale-invariant, lr_w=0.1) and 4 more")
     assert err[0].endswith("the last good checkpoint checkpoints/step_00000002 is kept")
     # metrics up to and including the bad step, no summary, the checkpoints before it, all finite
-    records = train.read_metrics(str(run / "metrics.jsonl"), warn=pytest.fail)
+    records = rundir.read_metrics(str(run / "metrics.jsonl"), warn=pytest.fail)
     assert [r["step"] for r in records] == [0, 1, 2] and records[-1]["loss"] is None
     assert records[1]["loss"] > 1e90  # the scale-variant output layer blew up first
     assert not (run / "summary.json").exists()
@@ -284,12 +284,12 @@ def test_divergence_message_names_the_first_cause():
     ok = np.ones(1 + 2 * len(groups), bool)
     param_bad = ok.copy()
     param_bad[1 + 3 + 0] = False  # parameter of bn0:affine after the update
-    msg, named = train.divergence_message(41, param_bad, groups, 0.5, 2.0, None)
+    msg, named = steps.divergence_message(41, param_bad, groups, 0.5, 2.0, None)
     assert msg == ("diverged at step 41: non-finite parameter after the update in group 'bn0:affine' "
                    "(scale-invariant, lr_w=0.5); no checkpoint was written") and named == ["bn0:affine"]
     grad_bad = ok.copy()
     grad_bad[[2, 4 + 1]] = False  # gradient of bn_out/scale (and hence its parameter)
-    msg, named = train.divergence_message(7, grad_bad, groups, 0.5, 2.0, "checkpoints/step_00000005")
+    msg, named = steps.divergence_message(7, grad_bad, groups, 0.5, 2.0, "checkpoints/step_00000005")
     assert msg == ("diverged at step 7: non-finite gradient in group 'bn_out/scale' (scale-variant, lr_g=2); "
                    "the last good checkpoint checkpoints/step_00000005 is kept") and named == ["bn_out/scale"]
 
@@ -299,6 +299,6 @@ def test_finite_flags_inside_jit():
 
     labels = {"w": G.si("w"), "b": G.VARIANT_LABEL}
     params = {"w": np.ones(3), "b": np.asarray([1.0, np.inf])}
-    flags = jax.jit(lambda l, g, p: train.finite_flags(l, g, p, labels))(np.float32(np.nan), params, params)
-    assert train.finite_groups(params, labels) == [("b", "variant"), ("w", "si")]  # tree order
+    flags = jax.jit(lambda l, g, p: steps.finite_flags(l, g, p, labels))(np.float32(np.nan), params, params)
+    assert steps.finite_groups(params, labels) == [("b", "variant"), ("w", "si")]  # tree order
     np.testing.assert_array_equal(flags, [False, False, True, False, True])

@@ -98,13 +98,13 @@ def test_vmapped_sweep_equals_independent_runs(x64, opt):
         ref, params = reference_run(lw, lg, int(seed), STEPS, **opt)
         assert_close_to_scale(res.loss[r], ref["loss"], tol, f"run {r} loss")
         assert_close_to_scale(res.w_sq["w"][r], ref["w_sq"], tol, f"run {r} ||w||^2")
-        assert_close_to_scale(res.grad_sq[r], ref["grad_sq"], tol, f"run {r} intrinsic grad")
+        assert_close_to_scale(res.grad_sq_intrinsic[r], ref["grad_sq"], tol, f"run {r} intrinsic grad")
         assert_close_to_scale(res.eff_lr["w"][r], ref["eff_lr"], tol, f"run {r} effective lr")
         for k in ("w", "g"):
             assert_close_to_scale(res.final_params[k][r], np.asarray(params[k]), tol, f"run {r} final {k}")
         assert np.array_equal(res.final_params["f"][r], np.asarray(params["f"]))  # frozen: bit-identical
-        parts = res.grad_sq_groups["w"][r] + res.grad_sq_groups["variant"][r]
-        np.testing.assert_allclose(parts, res.grad_sq[r], rtol=4 * EPS64)
+        parts = res.grad_sq_intrinsic_groups["w"][r] + res.grad_sq_intrinsic_groups["variant"][r]
+        np.testing.assert_allclose(parts, res.grad_sq_intrinsic[r], rtol=4 * EPS64)
     assert np.all(res.diverged == -1)
 
 
@@ -112,7 +112,7 @@ def test_vmap_and_loop_strategies_agree(x64):
     vmapped, looped = gd_sweep("vmap"), gd_sweep("loop")
     assert looped.strategy == "loop"
     tol = round_off_tol(STEPS)
-    for name in ("loss", "grad_sq", "final_loss"):
+    for name in ("loss", "grad_sq_intrinsic", "final_loss"):
         assert_close_to_scale(getattr(looped, name), getattr(vmapped, name), tol, name)
     assert_close_to_scale(looped.w_sq["w"], vmapped.w_sq["w"], tol, "w_sq")
     for k in ("w", "g"):
@@ -131,7 +131,7 @@ def test_grid_shapes_reshape_and_record_every(x64):
     assert sparse.reshape(sparse.loss).shape == (2, 1, 2, 5)
     assert sparse.reshape(sparse.loss)[1, 0, 0, 2] == sparse.loss[2, 2]  # lr_w = 100, seed 0, t = 14
     tol = round_off_tol(STEPS)
-    for name in ("loss", "grad_sq", "lr_w_t"):
+    for name in ("loss", "grad_sq_intrinsic", "lr_w_t"):
         assert_close_to_scale(getattr(sparse, name), getattr(full, name)[:, ::7], tol, name)
     assert_close_to_scale(sparse.w_sq["w"], full.w_sq["w"][:, ::7], tol, "w_sq")
     assert_close_to_scale(sparse.final_loss, full.final_loss, tol, "final loss")  # the same 30 steps
@@ -149,7 +149,7 @@ def test_diverging_run_is_flagged_and_does_not_poison_the_others(x64):
     assert not np.isfinite(res.final_loss[1])
     np.testing.assert_array_equal(res.diverged[[0, 2]], [-1, -1])
     clean = sweep(lr_w=[1.0, 1.0, 10.0], lr_g=[0.1, 0.1, 0.1], seeds=[0, 0, 1])  # same program, no NaN
-    for name in ("loss", "grad_sq"):  # the good runs are the runs made without the diverging one
+    for name in ("loss", "grad_sq_intrinsic"):  # the good runs are the runs made without the diverging one
         good = getattr(res, name)[[0, 2]]
         assert np.all(np.isfinite(good))
         assert_close_to_scale(good, getattr(clean, name)[[0, 2]], round_off_tol(steps), name)
@@ -222,11 +222,11 @@ def test_bn_mlp_sweep_norms_follow_lemma_2_4(x64):
     for k, w_sq in res.w_sq.items():
         n = sum(np.size(leaf) for path, leaf, l in G.flatten_labelled(variables["params"], labels)
                 if l.kind == G.SI and l.group == k)
-        # Lemma 2.4: ||w_{t+1}||^2 = ||w_t||^2 + lr_w^2 ||grad_w||^2, with ||grad_w||^2 = grad_sq_groups / ||w||^2.
+        # Lemma 2.4: ||w_{t+1}||^2 = ||w_t||^2 + lr_w^2 ||grad_w||^2, with ||grad_w||^2 = grad_sq_intrinsic_groups / ||w||^2.
         # Each squared norm is a sum of n squares (relative round-off <= n eps) and the increment a product
         # of three recorded numbers (a few eps): residual <= (2 n + 8) eps ||w_{t+1}||^2.
         tol = (2 * n + 8) * EPS64
-        step = res.lr_w_t[:, :-1] ** 2 * res.grad_sq_groups[k][:, :-1] / w_sq[:, :-1]
+        step = res.lr_w_t[:, :-1] ** 2 * res.grad_sq_intrinsic_groups[k][:, :-1] / w_sq[:, :-1]
         resid = np.abs(w_sq[:, 1:] - w_sq[:, :-1] - step) / w_sq[:, 1:]
         assert np.max(resid) <= tol, (k, np.max(resid), tol)
         assert np.all(np.diff(w_sq, axis=1) >= -tol * w_sq[:, 1:]), k  # non-decreasing norms (C5)

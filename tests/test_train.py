@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from rate_tuning import data, models, train
+from rate_tuning import data, models, steps, train
+from rate_tuning import record as R
 from rate_tuning import groups as G
 from rate_tuning.configs import Config, ConfigError
 
@@ -30,7 +31,7 @@ def run_steps(config: Config, n: int):
         ds = train.load_dataset(config)
         setup = train.create_train_state(config, ds, jax.random.key(config.seed))
         chex.clear_trace_counter()
-        step = train.make_train_step(setup.model, setup.labels, setup.lr_w, max_traces=1)
+        step = steps.make_train_step(setup.model, setup.labels, setup.lr_w, max_traces=1)
         batch = train.batch_fn(config, ds)
         states, outs = [setup.state], []
         for t in range(n):
@@ -101,14 +102,14 @@ def test_step_metrics_summarise_per_channel_groups_as_means():
     lr = 0.5
     new = w - lr * g
     with train.precision("float64"):
-        out = jax.device_get(train.step_metrics({"k": w}, {"k": new}, {"k": g}, labels, lr))
+        out = jax.device_get(R.summarize(R.step_record({"k": w}, {"k": new}, {"k": g}, labels, lr)))
     np.testing.assert_allclose(out["norm/k"], (5.0 + 1.0) / 2, rtol=1e-15)
     np.testing.assert_allclose(out["eff_lr/k"], (lr / 25 + lr / 1) / 2, rtol=1e-15)
     np.testing.assert_allclose(out["grad_sq_intrinsic"], 25 * 25 + 1 * 1, rtol=1e-15)
     assert out["lemma24_residual"] <= 10 * EPS64 * 25
     new[0, 1] += 1.0  # break the update of channel 1 only: the residual is the max over channels
     with train.precision("float64"):
-        out = jax.device_get(train.step_metrics({"k": w}, {"k": new}, {"k": g}, labels, lr))
+        out = jax.device_get(R.summarize(R.step_record({"k": w}, {"k": new}, {"k": g}, labels, lr)))
     np.testing.assert_allclose(out["lemma24_residual"], (-0.5 + 1.0) ** 2 - 0.5 ** 2, rtol=1e-12)
 
 
@@ -149,7 +150,7 @@ def test_eval_step_uses_running_statistics(sgd_run):
     state = states[-1]
     x, y = ds.x_train[:16], ds.y_train[:16]
     with train.precision("float64"):
-        eval_step = train.make_eval_step(setup.model)
+        eval_step = steps.make_eval_step(setup.model)
         whole = eval_step(state, x, y)["loss"]
         halves = [eval_step(state, x[i:i + 8], y[i:i + 8])["loss"] for i in (0, 8)]
         train_whole = models.batch_loss(setup.model, state.params, state.batch_stats, x, y, True)[0]
@@ -293,10 +294,10 @@ def test_a_bfloat16_model_keeps_its_dtypes_and_compiles_once(bn, arch, shape):
     y = jnp.asarray(rng.integers(0, 10, 8))
     v = model.init(jax.random.key(0), x)
     lr_w = optim.constant(0.1)
-    state = train.TrainState.create(apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"],
+    state = steps.TrainState.create(apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"],
                                     tx=optim.two_rate_sgd(labels, lr_w, optim.constant(0.1)))
     chex.clear_trace_counter()
-    step = train.make_train_step(model, labels, lr_w, max_traces=1)
+    step = steps.make_train_step(model, labels, lr_w, max_traces=1)
     dtypes = lambda s: jax.tree_util.tree_map(lambda a: str(a.dtype), (s.params, s.batch_stats, s.opt_state))
     new, _ = step(state, x, y)
     assert dtypes(new) == dtypes(state)

@@ -41,11 +41,11 @@ def test_gd_records_match_a_numpy_hand_loop(x64):
         np.testing.assert_allclose(tr.grad_sq["w"][t], g @ g, rtol=1e-12)
         assert abs(tr.grad_dot_w["w"][t]) <= 1e-13 * np.sqrt(g @ g * r2)  # Lemma 2.4 (1)
         np.testing.assert_allclose(tr.update_sq["w"][t], eta**2 * (g @ g), rtol=1e-12)
-        np.testing.assert_allclose(tr.intrinsic_sq["w"][t], r2 * (g @ g), rtol=1e-12)
-        np.testing.assert_allclose(tr.intrinsic_total[t], r2 * (g @ g), rtol=1e-12)
-        np.testing.assert_allclose(tr.effective_lr["w"][t], eta / r2, rtol=1e-13)
+        np.testing.assert_allclose(tr.grad_sq_intrinsic_groups["w"][t], r2 * (g @ g), rtol=1e-12)
+        np.testing.assert_allclose(tr.grad_sq_intrinsic[t], r2 * (g @ g), rtol=1e-12)
+        np.testing.assert_allclose(tr.eff_lr["w"][t], eta / r2, rtol=1e-13)
         cos = (w @ w_next) / np.sqrt(r2 * (w_next @ w_next))
-        np.testing.assert_allclose(tr.angular_update["w"][t], np.arccos(np.clip(cos, -1, 1)), rtol=1e-6)
+        np.testing.assert_allclose(tr.angle["w"][t], np.arccos(np.clip(cos, -1, 1)), rtol=1e-6)
         assert tr.variant_grad_sq[t] == 0.0
         w = w_next
     np.testing.assert_allclose(tr.final_params["w"], w, rtol=1e-13)
@@ -64,8 +64,8 @@ def test_two_rates_and_groups_match_a_hand_loop(x64):
         for name in ("w0", "w1"):
             np.testing.assert_allclose(tr.w_sq[name][t], p[name] @ p[name], rtol=1e-13)
             np.testing.assert_allclose(tr.grad_sq[name][t], g[name] @ g[name], rtol=1e-12)
-            np.testing.assert_allclose(tr.intrinsic_sq[name][t], (p[name] @ p[name]) * (g[name] @ g[name]), rtol=1e-12)
-        np.testing.assert_allclose(tr.intrinsic_sq["variant"][t], g["g"] @ g["g"], rtol=1e-12)
+            np.testing.assert_allclose(tr.grad_sq_intrinsic_groups[name][t], (p[name] @ p[name]) * (g[name] @ g[name]), rtol=1e-12)
+        np.testing.assert_allclose(tr.grad_sq_intrinsic_groups["variant"][t], g["g"] @ g["g"], rtol=1e-12)
         np.testing.assert_allclose(tr.variant_grad_sq[t], g["g"] @ g["g"], rtol=1e-12)
         p = {k: p[k] - (0.3 if k == "g" else 2.0) * g[k] for k in p}
     for k in p:
@@ -128,7 +128,7 @@ def test_path_record_and_step_loss(x64):
     np.testing.assert_allclose(path.loss, full.loss, rtol=1e-15)
     np.testing.assert_allclose(path.snapshots["w"], full.snapshots["w"], rtol=1e-15)
     np.testing.assert_allclose(full.final_loss, prob.loss(full.final_params) + 5e-3, rtol=1e-13)
-    assert path.w_sq == {} and path.intrinsic_total is None
+    assert path.w_sq == {} and path.grad_sq_intrinsic is None
 
 
 def test_compiled_scan_is_reused():

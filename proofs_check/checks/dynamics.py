@@ -355,12 +355,12 @@ def _c5_records(name, steps, seed, dtype, control=None):
     tols_e = {g: tol_norm_identity(sizes[g], dtype) + 2 * unit_roundoff(dtype) for g in tr.groups}
     de = {}
     for g in tr.groups:
-        e = tr.effective_lr[g].astype(np.float64)
+        e = tr.eff_lr[g].astype(np.float64)
         de[g] = (e[1:] - e[:-1]) / e[:-1]
     v, tol, group, step = _worst_ratio(de, tols_e, sign=+1)
     details = {"group": group, "step": step, "tolerance_formula": "3 gamma_n + 8u"}
     if name in ("multi/gd", "bn_logistic/sgd-const"):
-        details["curves"] = {f"effective lr ({name}, {g})": curve(None, tr.effective_lr[g], "step",
+        details["curves"] = {f"effective lr ({name}, {g})": curve(None, tr.eff_lr[g], "step",
                                                                   "lr_w / ||w_t||^2", logy=True)
                              for g in tr.groups}
     recs.append(Evidence("C5", setting + ": max relative change of lr_w/||w||^2 per step", v, 0.0, "<=", tol, dtype,
@@ -626,7 +626,7 @@ def check_c8(settings: dict) -> list[Evidence]:
         n, N = max(sizes.values()), sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(p0))
         u = unit_roundoff("float64")
         tol_dir = 2 * u + 2 * steps * (4 * gamma(n, "float64") + 8 * u)
-        lip = float(np.sqrt(np.max(base.intrinsic_total)))
+        lip = float(np.sqrt(np.max(base.grad_sq_intrinsic)))
         tol = max(tol_dir, lip * tol_dir + 2 * gamma(N, "float64"))
         runs = [(c, 2, None) for c in settings["cs"]] + \
                [(settings["control_c"], 1, "the power 2 of c in c^2 lr_w (used c lr_w)")]
@@ -708,7 +708,7 @@ def _run_to_convergence(name: str, chunk: int, max_chunks: int, target: float):
     tx, sw, sg = _tx(spec["source"], "float64", spec["lr_w"], spec["lr_g"], spec.get("schedule", "constant"),
                      spec.get("weight_decay", 0.0), spec.get("momentum"), spec.get("project", False))
     steps = chunk
-    while steps < chunk * max_chunks and not tr.intrinsic_total[-1] <= target:
+    while steps < chunk * max_chunks and not tr.grad_sq_intrinsic[-1] <= target:
         tr = traj.run(loss, tr.final_params, labels, tx, chunk, lr_w=sw, lr_g=sg, snapshot_every=1,
                       opt_state=tr.final_opt_state)
         steps += chunk
@@ -768,8 +768,8 @@ def check_c13(settings: dict) -> list[Evidence]:
                 measured, bound, tol = lam, 2.0, drift
                 what = "lambda_max(D^1/2 P H(V_T) P D^1/2) vs 2"
                 extra = {"effective_lrs": rho}
-            details = {"steps": steps, "final_intrinsic_grad_sq": float(tr.intrinsic_total[-1]),
-                       "converged": bool(tr.intrinsic_total[-1] <= settings["target"]),
+            details = {"steps": steps, "final_intrinsic_grad_sq": float(tr.grad_sq_intrinsic[-1]),
+                       "converged": bool(tr.grad_sq_intrinsic[-1] <= settings["target"]),
                        "lambda_drift_last_half_chunk": abs(lam - lam_prev), **extra,
                        "tolerance_formula": "(|lambda_T - lambda_{T-chunk/2}| + gamma_n |lambda|), converted"}
             if control:
@@ -777,7 +777,7 @@ def check_c13(settings: dict) -> list[Evidence]:
             if name == "sphere/gd" or control:
                 g = tr.groups[0]
                 details["curves"] = {f"effective lr, last chunk ({name})":
-                                     curve(None, tr.effective_lr[g], "step in last chunk", "lr_w/||w_t||^2", logy=True)}
+                                     curve(None, tr.eff_lr[g], "step in last chunk", "lr_w/||w_t||^2", logy=True)}
             out.append(Evidence("C13", _setting_line(name, steps, 0, "float64") + f": {what}", measured, bound, "<=",
                                 tol, "float64", bn, negative_control=bool(control), details=details))
     return out
@@ -822,9 +822,9 @@ def _segment_sampler(paths: list, labels, p_random: float = 0.5):
 def _i3_terms(tr: traj.Trajectory, lr_g: float, C, scale_ww: float = 1.0):
     """Per step ``(LHS, RHS, scale)`` of I3 with constants ``C`` (all times ``scale_ww``)."""
     names = list(C.groups)
-    rho = np.stack([tr.effective_lr[g] for g in names], axis=1)             # (T, m)
-    a = np.sqrt(np.stack([tr.intrinsic_sq[g] for g in names], axis=1))     # (T, m)
-    b = np.sqrt(tr.intrinsic_sq[G.VARIANT])                                 # (T,)
+    rho = np.stack([tr.eff_lr[g] for g in names], axis=1)             # (T, m)
+    a = np.sqrt(np.stack([tr.grad_sq_intrinsic_groups[g] for g in names], axis=1))     # (T, m)
+    b = np.sqrt(tr.grad_sq_intrinsic_groups[G.VARIANT])                                 # (T,)
     Lww, Lgw, Lgg = scale_ww * np.asarray(C.L_ww), scale_ww * np.asarray(C.L_gw), scale_ww * C.L_gg
     ra = rho * a
     first = np.sum(rho * a**2, axis=1) + lr_g * b**2

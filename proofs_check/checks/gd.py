@@ -48,6 +48,7 @@ from proofs_check.numerics import gamma, numpy_init, unit_roundoff, x64
 from rate_tuning import groups as G
 from rate_tuning import metrics as M
 from rate_tuning import optim
+from rate_tuning import record as R
 from rate_tuning import sweep as S
 
 __all__ = ["Bounds", "GDConstants", "gd_constants", "multi_group_bounds", "sphere_bounds", "rayleigh_bounds",
@@ -403,8 +404,7 @@ def _reduce_runner(loss: Callable, labels, example, steps: int, every: int, n_ep
         dt = lr_w.dtype
         ninf = jnp.asarray(-jnp.inf, dt)
 
-        def summary(L, a2, b2, ws):
-            rho = lr_w / ws
+        def summary(L, a2, b2, rho):
             bad = rho > c["rho_star"]
             ra2 = rho**2 * a2
             first = jnp.sum(rho * a2) + lr_g * b2
@@ -433,10 +433,16 @@ def _reduce_runner(loss: Callable, labels, example, steps: int, every: int, n_ep
         def step(carry, t):
             params, st, acc, prev = carry
             L, gL = jax.value_and_grad(loss)(params)
-            per, gn = M.intrinsic_grad_sq_norms(gL, params, labels)
-            a2, b2, ws = jnp.stack([per[g] for g in groups]), per[G.VARIANT], ws_of(params)
+            u, st = tx.update(gL, st, params)
+            up, _ = project.update(u, optim.ProjectState(), params)
+            u = jax.tree_util.tree_map(lambda a, b: jnp.where(proj, b, a), u, up)
+            new_params = optax.apply_updates(params, u)
+            q = R.step_record(params, new_params, gL, labels, lr_w, loss=L)  # the library's per-step record
+            per, gn = q[R.INTRINSIC_GROUPS], q[R.INTRINSIC]
+            a2, b2 = jnp.stack([per[g] for g in groups]), per[G.VARIANT]
+            ws, rho = (jnp.stack([q[key][g] for g in groups]) for key in (R.W_SQ, R.EFF_LR))
             acc = settle(acc, prev, L)
-            cur = summary(L, a2, b2, ws)
+            cur = summary(L, a2, b2, rho)
             acc["gn0"] = jnp.where(t == 0, gn, acc["gn0"])
             acc["m"] = jnp.fmin(acc["m"], gn)
             acc["S_grad"] += gn
@@ -448,11 +454,8 @@ def _reduce_runner(loss: Callable, labels, example, steps: int, every: int, n_ep
             acc["max_a2"] = jnp.fmax(acc["max_a2"], a2)
             acc["max_b2"] = jnp.fmax(acc["max_b2"], b2)
             acc["max_g_sq"] = jnp.fmax(acc["max_g_sq"], M.variant_sq_norm(params, labels))
-            u, st = tx.update(gL, st, params)
-            up, _ = project.update(u, optim.ProjectState(), params)
-            u = jax.tree_util.tree_map(lambda a, b: jnp.where(proj, b, a), u, up)
             rec = dict(L=L, gn=gn, ws=ws, a2=a2, g_sq=M.variant_sq_norm(params, labels))
-            return (optax.apply_updates(params, u), st, acc, cur), rec
+            return (new_params, st, acc, cur), rec
 
         def chunk(carry, t0):
             carry, rec = jax.lax.scan(step, carry, t0 + jnp.arange(every, dtype=jnp.int32))
@@ -596,10 +599,10 @@ def _sphere_program(name: str) -> dict:
         lr_w = np.asarray(cfg["lr_w"])
         res = sw(lr_w, np.ones_like(lr_w), np.zeros(len(lr_w), int))
     bd = sphere_bounds(prob)
-    L0, gn0 = float(res.loss[0, 0]), float(res.grad_sq[0, 0])
+    L0, gn0 = float(res.loss[0, 0]), float(res.grad_sq_intrinsic[0, 0])
     w0_sq = float(np.sum(np.asarray(p0["w"]) ** 2))
     consts = [gd_constants(bd, lw, None, [w0_sq], L0) for lw in lr_w]
-    m = np.minimum.accumulate(res.grad_sq, axis=1)
+    m = np.minimum.accumulate(res.grad_sq_intrinsic, axis=1)
     return dict(prob=prob, res=res, bounds=bd, consts=consts, L0=L0, gn0=gn0, eps=cfg["eps_rel"] * gn0,
                 m=m, lr_w=lr_w, steps=sc["steps"], every=sc["every"], r0=sc["r0"])
 
@@ -639,7 +642,7 @@ def _tight_program(name: str) -> dict:
         inits = [jax.device_get(jax.jit(init)(jax.random.key(int(s)))) for s in seeds]
     bd = rayleigh_bounds(prob)
     consts = [gd_constants(bd, lr_w, None, [1.0], float(res.loss[i, 0])) for i in range(len(seeds))]
-    m = np.minimum.accumulate(res.grad_sq, axis=1)
+    m = np.minimum.accumulate(res.grad_sq_intrinsic, axis=1)
     # the linear model (docs): gn(t) = 4 sum_k lambda_k^2 x_k^2 (1 - 2 rho lambda_k)^(2t), rho = lr_w / ||w_0||^2
     lam = np.asarray(prob.constants["eigenvalues"])
     U = np.asarray(prob.constants["eigenvectors"])

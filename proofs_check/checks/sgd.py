@@ -146,7 +146,7 @@ def norm_growth(res: sweep.SweepResult, i: int, Ts: np.ndarray) -> dict[str, np.
     the base rate ``lr`` of the inverse-sqrt schedule, whatever schedule the run used)."""
     lr = float(res.reshape(res.lr_w)[i, 0, 0])
     w = res.reshape(res.w_sq[_one_group(res)])[i, 0].astype(np.float64)       # (S, steps): ||w_t||^2
-    a2 = res.reshape(res.grad_sq)[i, 0].astype(np.float64)                     # (S, steps): a~_t^2
+    a2 = res.reshape(res.grad_sq_intrinsic)[i, 0].astype(np.float64)                     # (S, steps): a~_t^2
     G2 = np.maximum.accumulate(a2, axis=1)[:, Ts - 1]                          # max over t < T
     r2 = w[:, Ts]
     r0 = w[:, :1]
@@ -301,7 +301,7 @@ def quartic_rate(res: sweep.SweepResult, i: int, lo: int, hi: int, sigma2: float
     """
     lr = float(res.reshape(res.lr_w)[i, 0, 0])
     r2 = res.reshape(res.w_sq[_one_group(res)])[i, 0].astype(np.float64)      # (S, steps)
-    a2 = res.reshape(res.grad_sq)[i, 0].astype(np.float64)
+    a2 = res.reshape(res.grad_sq_intrinsic)[i, 0].astype(np.float64)
     f2 = res.reshape(res.full_grad_sq)[i, 0].astype(np.float64)
     S = r2.shape[0]
     n_t = hi - lo

@@ -10,7 +10,7 @@ Override syntax (:func:`override`), parsed by the field's type:
 * ``int`` fields: an integer literal (``steps=2000``, ``steps=2_000``) or a float literal with an integral
   value (``steps=1e3``). ``True``/``False`` are not integers here.
 * ``float`` fields: anything Python's ``float()`` accepts (``lr_w=0.1``, ``lr_w=1e-3``, ``lr_w=inf``,
-  ``lr_w=nan``). Parsing does not judge the value: ``train.validate_config`` rejects a non-positive or
+  ``lr_w=nan``). Parsing does not judge the value: :func:`validate` rejects a non-positive or
   non-finite learning rate with a message about the learning rate.
 * ``bool`` fields: ``true``/``false``, ``yes``/``no``, ``1``/``0`` (any case).
 * fields that may be ``None`` (``bn``, ``momentum``): ``None``, ``none`` or ``null`` give ``None``.
@@ -30,6 +30,7 @@ import ast
 import dataclasses
 import importlib
 import math
+import numbers
 import pkgutil
 import types
 import typing
@@ -115,6 +116,68 @@ class Config:
     verify_labels: bool = False
     """Before training, check numerically on the first batch that every group labelled scale-invariant
     is (:func:`rate_tuning.groups.verify_labels`); meaningful in ``float64``."""
+
+
+DTYPES = ("float32", "float64")
+"""Supported run dtypes (params and inputs)."""
+
+MAX_SEED = 2**32 - 1
+"""Largest seed (``jax.random.key`` takes an unsigned 32-bit seed here; a larger one would overflow)."""
+
+
+def _choice(name: str, value, known) -> None:
+    if value not in known:
+        raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(map(str, known))}")
+
+
+def _integer(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        limits = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name} must be an integer {limits}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Raise :class:`ConfigError` (one line) unless ``config`` names known things and has valid values.
+
+    Checks: known dataset, arch, preset, bn variant (and that the preset has a BN to replace), grouping,
+    schedule and dtype; ``lr_w``, ``lr_g`` finite and > 0 (:func:`rate_tuning.optim.check_learning_rate`);
+    ``steps >= 1``, ``batch_size >= 0`` (0: full batch), ``eval_every >= 0``, ``log_every >= 1``,
+    ``0 <= seed <= 2^32 - 1``, ``checkpoint_every >= 0``, ``keep_checkpoints >= 1``. What needs the data
+    (batch size vs. dataset size), the model (arch_kwargs, labels) or the optimizer (``weight_decay``,
+    ``momentum``) is checked where those are built (:func:`rate_tuning.train.load_dataset`,
+    :func:`rate_tuning.train.create_train_state`).
+    """
+    from rate_tuning import data, layers, models, optim  # configs stays importable without JAX
+
+    if not isinstance(config, Config):
+        raise ConfigError(f"expected a rate_tuning.configs.Config, got {type(config).__name__}")
+    _choice("dataset", str(config.dataset).replace("-", "_").lower(), list(data.LOADERS))
+    _choice("arch", config.arch, list(models.ARCHITECTURES))
+    _choice("preset", config.preset, list(models.PRESETS))
+    if config.bn is not None:
+        _choice("bn", config.bn, list(layers.BN_VARIANTS))
+        if models.PRESETS[config.preset].bn is None:
+            raise ConfigError(f"preset {config.preset!r} has no BatchNorm to replace with bn={config.bn!r}")
+    _choice("grouping", config.grouping, list(models.GROUPINGS))
+    _choice("schedule", config.schedule, list(optim.SCHEDULES))
+    _choice("dtype", config.dtype, list(DTYPES))
+    for name in ("lr_w", "lr_g"):
+        try:
+            optim.check_learning_rate(name, getattr(config, name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for name, minimum in (("steps", 1), ("batch_size", 0), ("eval_every", 0), ("log_every", 1),
+                          ("checkpoint_every", 0), ("keep_checkpoints", 1)):
+        _integer(name, getattr(config, name), minimum)
+    _integer("seed", config.seed, 0, MAX_SEED)
+    for name in ("project", "verify_labels"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be True or False, got {getattr(config, name)!r}")
+    for name in ("arch_kwargs", "data_kwargs"):
+        value = getattr(config, name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name} must be a dict with string keys, got {value!r}")
 
 
 _HINTS: dict[str, Any] | None = None
@@ -253,4 +316,5 @@ def _parse_entry(key: str, text: str) -> Any:
         return raw
 
 
-__all__ = ["Config", "ConfigError", "available", "field_types", "get", "override", "parse_value"]
+__all__ = ["Config", "ConfigError", "DTYPES", "MAX_SEED", "available", "field_types", "get", "override", "parse_value",
+           "validate"]

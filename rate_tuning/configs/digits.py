@@ -3,18 +3,5 @@ from rate_tuning.configs import Config
 
 
 def get_config() -> Config:
-    return Config(
-        dataset="digits",
-        data_kwargs=dict(seed=0),
-        arch="mlp",
-        arch_kwargs=dict(widths=(64, 64)),
-        preset="paper",
-        lr_w=0.1,
-        lr_g=0.1,
-        schedule="constant",
-        batch_size=128,
-        steps=500,
-        eval_every=100,
-        log_every=50,
-        seed=0,
-    )
+    return Config(dataset="digits", data_kwargs=dict(seed=0), arch_kwargs=dict(widths=(64, 64)), steps=500,
+                  eval_every=100, log_every=50)

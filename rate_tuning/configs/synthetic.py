@@ -3,17 +3,5 @@ from rate_tuning.configs import Config
 
 
 def get_config() -> Config:
-    return Config(
-        dataset="synthetic",
-        data_kwargs=dict(n_train=256, n_test=128, dim=16, num_classes=4, seed=0),
-        arch="mlp",
-        arch_kwargs=dict(widths=(16,)),
-        preset="paper",
-        lr_w=0.1,
-        lr_g=0.1,
-        batch_size=32,
-        steps=60,
-        eval_every=30,
-        log_every=20,
-        seed=0,
-    )
+    return Config(data_kwargs=dict(n_train=256, n_test=128, dim=16, num_classes=4, seed=0),
+                  arch_kwargs=dict(widths=(16,)), batch_size=32, steps=60, eval_every=30, log_every=20)
