@@ -10,7 +10,7 @@ gradient, which is not needed, is counted too). Element-wise work (BN, activatio
 counted: the figure is the fraction of the chip's matrix throughput that the step's matrix products reach.
 
 ``matmul_runner`` is what measures that throughput: a jitted ``N x N @ N x N`` in ``dtype``, timed by the
-suite (``benchmarks.run.measure``: warm-up, calibration, median of repeats).
+suite (:func:`benchmarks.common.measure`: warm-up, calibration, median of repeats).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Usage::
     python -m benchmarks.profile_step --model vgg --pin-core 1 --top 30      # one core
     python -m benchmarks.profile_step --model convnet --conv-impl xla        # another conv_impl
 
-Builds the suite's model, data and state (``benchmarks.run._jax_setup``: preset ``'paper'``, float32), compiles
-:func:`rate_tuning.train.make_train_step`, runs a few steps, then traces ``--steps`` more with
+Builds the suite's model, data and state (:func:`benchmarks.common.jax_setup`: preset ``'paper'``, float32), compiles
+:func:`rate_tuning.steps.make_train_step`, runs a few steps, then traces ``--steps`` more with
 ``jax.profiler.trace`` (a Perfetto trace) and prints, per step: the time of each compiled operation
 (XLA:CPU thunks such as ``ynn_fusion.12`` or ``transpose_copy_fusion.3``; kernels on a GPU), the same
 summed by kind (the name without its ``.N``), and their total. The operations' own names say what they
@@ -26,6 +26,8 @@ import os
 import re
 import sys
 import tempfile
+
+from benchmarks.common import MODELS, jax_setup, pin_to_core
 
 # Spans of the runtime around the operations (Python frames, the executor, dispatch), not operations.
 _RUNTIME = re.compile(r"^\$|::|^PjitFunction|^ParseArguments|^Handle input|^end: |^Wait for |^AllocateOutputBuffers")
@@ -55,12 +57,11 @@ def profile(model_name: str, batch: int, conv_impl: str, steps: int, hlo_path: s
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.run import _jax_setup
-    from rate_tuning import train
+    from rate_tuning.steps import make_train_step  # not the module: ``steps`` is an argument here
 
-    model, labels, lr, state, x, y, _ = _jax_setup(model_name, batch, conv_impl=conv_impl)
+    model, labels, lr, state, x, y, _ = jax_setup(model_name, batch, conv_impl=conv_impl)
     x, y = jnp.asarray(x), jnp.asarray(y)  # on the device once, not transferred every step
-    step = train.make_train_step(model, labels, lr)
+    step = make_train_step(model, labels, lr)
     for _ in range(3):  # compile and warm up
         state, _ = step(state, x, y)
     jax.block_until_ready(state.params)
@@ -80,7 +81,6 @@ def profile(model_name: str, batch: int, conv_impl: str, steps: int, hlo_path: s
 
 
 def main(argv=None) -> int:
-    from benchmarks.run import MODELS
     from rate_tuning.models import CONV_IMPLS
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0])
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.steps < 1:
         p.error("--batch and --steps must be >= 1")
     if args.pin_core is not None:
-        os.sched_setaffinity(0, {args.pin_core})
+        pin_to_core(args.pin_core)
     times = profile(args.model, args.batch, args.conv_impl, args.steps, args.hlo)
     print(f"{args.model}, batch {args.batch}, conv_impl {args.conv_impl}: {sum(times.values()):.2f} ms of "
           f"operations per step ({args.steps} steps traced)")

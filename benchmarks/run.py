@@ -10,16 +10,22 @@ Writes ``OUT/<backend>_<quick|full>.json`` and ``.md`` (default ``OUT = benchmar
 the Markdown. Every measurement is a fresh subprocess (``python -m benchmarks.run --worker ...``) so that
 XLA flags, device counts, CPU affinity and thread counts never leak between measurements.
 
+This module orchestrates: the sections, their workers, the JSON and the Markdown. Timing, the process set-up
+(affinity, allocator, PyTorch threads and device), the hardware record and the models' JAX set-up are in
+:mod:`benchmarks.common`; the convnet section runs :mod:`benchmarks.studies.convnet_study` (whose workers are
+its own subprocesses). Nothing imports this module.
+
 Sections (``--sections``, comma-separated; default: all):
 
-* ``train``: examples/s of one jitted train step (:func:`rate_tuning.train.make_train_step`: loss, gradient,
+* ``train``: examples/s of one jitted train step (:func:`rate_tuning.steps.make_train_step`: loss, gradient,
   two-rate SGD update, BN running statistics and the step's metrics) for ``mlp``, ``convnet``, ``vgg``,
   ``resnet`` at batch 128 and 1024 (``--quick``: 128 unless ``--batches`` says otherwise), float32 and, on
   accelerators or with ``--bf16``, bfloat16, one device. Next to it, in the same process, the same dtype and
   interleaved repeat by repeat, the PyTorch peer (``benchmarks/torch_reference.py``: the same network, exact
-  BN, SGD with two parameter groups) eager, on the device JAX runs on (:func:`torch_device`: the CPU with
-  ``torch.set_num_threads`` = the cores JAX uses, or CUDA with TF32 like JAX's default:
-  :func:`torch_precision_settings`); the ratio is JAX/PyTorch examples/s per model, batch and dtype. Wall clock.
+  BN, SGD with two parameter groups) eager, on the device JAX runs on
+  (:func:`benchmarks.common.torch_device`: the CPU with ``torch.set_num_threads`` = the cores JAX uses, or
+  CUDA with TF32 like JAX's default: :func:`benchmarks.common.torch_precision_settings`); the ratio is
+  JAX/PyTorch examples/s per model, batch and dtype. Wall clock.
 * ``parallel``: the same step data-parallel (:mod:`rate_tuning.parallel`) over every device, in the same
   dtypes (on a CPU host: ``--xla_force_host_platform_device_count`` = number of cores, each "device" then
   shares the same cores), blocking every step.
@@ -34,8 +40,9 @@ Sections (``--sections``, comma-separated; default: all):
   64-64-64-10 on 256 scikit-learn digits), ``vmap`` and ``loop`` strategies.
 * ``proofs``: wall time of ``python -m proofs_check --quick`` (and without ``--quick`` unless ``--quick``
   is given to the benchmark), including interpreter start-up and compilation.
-* ``convnet``: the convnet investigation (:mod:`benchmarks.convnet_study`): convolution forward /
-  backward-input / backward-weight per layer, layouts, alternative formulations, XLA flags, bfloat16.
+* ``convnet``: the convnet investigation (:mod:`benchmarks.studies.convnet_study`, also run on its own):
+  convolution forward / backward-input / backward-weight per layer, layouts, alternative formulations, XLA
+  flags, bfloat16. Not in ``--quick``'s default sections.
 
 Method: compile and run 2 warm-up steps, calibrate ``n`` steps so that one repeat lasts at least
 ``--min-time`` seconds, then ``--repeats`` repeats (>= 5) of ``n`` steps, blocking on the result at the
@@ -44,8 +51,8 @@ the inter-quartile range and the minimum; JAX and PyTorch alternate within each 
 the same background load. Retracing is checked: the step is wrapped in ``chex.assert_max_traces(n=1)``
 (a retrace raises AssertionError and fails the measurement); the jit dispatch-cache size is recorded too
 (2: the first call's Python-int ``step`` and the array ``step`` afterwards, one trace and one compilation). The load average before and
-after, the hardware (:func:`hardware`: the ``/proc/cpuinfo`` model name, family / model / stepping and
-vector extensions, ``platform.processor()``, cores, memory; the accelerator from the train section) and the
+after, the hardware (:func:`benchmarks.common.hardware`: the ``/proc/cpuinfo`` model name, family / model /
+stepping and vector extensions, ``platform.processor()``, cores, memory; the accelerator from the train section) and the
 versions are recorded in the JSON.
 
 Models (preset ``'paper'``: exact BN, epsilon = 0, two-pass variance; ``lr_w = lr_g = 0.1`` constant):
@@ -59,27 +66,19 @@ Models (preset ``'paper'``: exact BN, epsilon = 0, two-pass variance; ``lr_w = l
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import (ALLOCATORS, LR, MODELS, ROOT, allocator_env, hardware, hardware_line, have_torch,
+                               jax_setup, measure, pin_to_core, set_torch_threads, spawn_worker, summarize,
+                               torch_device, torch_precision_settings, versions, worker_environ, write_worker_result)
+
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results")
 SECTIONS = ("train", "parallel", "percore", "curvature", "sweep", "proofs", "convnet")
-MODELS = {
-    "mlp": ({"widths": (512, 512)}, (28, 28, 1)),
-    "convnet": ({}, (32, 32, 3)),
-    "vgg": ({}, (32, 32, 3)),
-    "resnet": ({}, (32, 32, 3)),
-}
 MODEL_NOTES = {
     "mlp": "784-512-512-10, 28x28x1",
     "convnet": "3x3 s2 conv 16-32-64, GAP, 32x32x3",
@@ -87,189 +86,10 @@ MODEL_NOTES = {
     "resnet": "stem 16, blocks 16/32 (s2), 32x32x3",
 }
 BATCHES = (128, 1024)
-LR = 0.1
-
-
-# ------------------------------------------------------------------------------------------------
-# Timing.
-
-
-def _clock(name: str) -> Callable[[], float]:
-    return {"wall": time.perf_counter, "cpu": time.process_time}[name]
-
-
-def summarize(samples: list[float], n_steps: int, batch: int | None = None) -> dict[str, Any]:
-    """Per-step times (s) -> median, IQR, min; and examples/s, steps/s of the median."""
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0], s[0], s[0]]
-    out = {"median_s": q[1], "q1_s": q[0], "q3_s": q[2], "min_s": s[0], "repeats": len(s), "steps_per_repeat": n_steps,
-           "steps_per_s": 1.0 / q[1]}
-    if batch:
-        out["examples_per_s"] = batch / q[1]
-        out["examples_per_s_iqr"] = [batch / q[2], batch / q[0]]
-    return out
-
-
-def measure(runners: dict[str, Callable[[int], Any]], *, repeats: int, min_time: float, clock: str = "wall",
-            warmup: int = 2) -> dict[str, dict]:
-    """Time several ``run(n)`` (n steps, blocking at the end), interleaved repeat by repeat.
-
-    Each runner is warmed up (``warmup`` calls of one step: compilation, allocation), calibrated to
-    ``n`` steps lasting at least ``min_time``, then timed ``repeats`` times. Returns per runner the list
-    of per-step times and ``n``, plus the warm-up time of the first call (compilation included).
-    """
-    tick = _clock(clock)
-    n, first, samples = {}, {}, {k: [] for k in runners}
-    for name, run in runners.items():
-        t0 = time.perf_counter()
-        run(1)
-        first[name] = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            run(1)
-        t0 = tick()
-        run(1)
-        dt = max(tick() - t0, 1e-6)
-        n[name] = max(1, math.ceil(min_time / dt))
-    for _ in range(repeats):
-        for name, run in runners.items():
-            t0 = tick()
-            run(n[name])
-            samples[name].append((tick() - t0) / n[name])
-    return {k: {"samples": samples[k], "n": n[k], "first_call_s": first[k]} for k in runners}
-
-
-# ------------------------------------------------------------------------------------------------
-# Environment.
-
-
-CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                "amx_tile", "amx_bf16", "asimd", "sve")
-"""The ``/proc/cpuinfo`` flags recorded with every result: the vector and matrix extensions that decide
-which kernels XLA, YNNPACK and oneDNN run (two hosts that both call themselves "AMD EPYC" can differ 2.7x
-in matmul throughput per core: benchmarks/README.md)."""
-
-
-def cpu_info(text: str) -> dict[str, Any]:
-    """The first processor's identity in a ``/proc/cpuinfo`` text: model name, vendor, family / model /
-    stepping, cache size, and which of :data:`CPU_FEATURES` it has (x86 ``flags`` or Arm ``Features``)."""
-    first = text.split("\n\n", 1)[0]
-    fields = {}
-    for line in first.splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key.strip()] = value.strip()
-    have = set((fields.get("flags") or fields.get("Features") or "").split())
-    keys = {"model name": "cpu_model", "vendor_id": "vendor", "cpu family": "family", "model": "model",
-            "stepping": "stepping", "cache size": "cache"}
-    out = {name: fields[k] for k, name in keys.items() if k in fields}
-    out["cpu_features"] = [f for f in CPU_FEATURES if f in have]
-    return out
-
-
-def hardware() -> dict[str, Any]:
-    """CPU identity (:func:`cpu_info`), cores, memory, load, platform, Python."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = cpu_info(f.read())
-    except OSError:
-        cpu = {}
-    info = {"cpu_model": cpu.pop("cpu_model", None), **cpu,
-            "processor": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "affinity_cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "loadavg": list(os.getloadavg()), "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        with open("/proc/meminfo") as f:
-            info["mem_gib"] = round(int(f.readline().split()[1]) / 2 ** 20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return info
-
-
-def hardware_line(hw: dict[str, Any], train: dict | None = None) -> str:
-    """The Markdown header's hardware line: CPU identity and features, and the accelerator the train step
-    ran on (from the train section's ``backend`` / ``device`` / ``device_count``) when it is not the CPU."""
-    ident = ", ".join(f"{k} {hw[k]}" for k in ("family", "model", "stepping") if k in hw)
-    feats = " ".join(hw.get("cpu_features") or [])
-    line = (f"- Hardware: {hw['cpu_model']} ({hw['processor']}{'; ' + ident if ident else ''}), "
-            f"{hw['cores']} cores, {hw.get('mem_gib', '?')} GiB; {hw['platform']}"
-            + (f"; CPU features: {feats}" if feats else ""))
-    if train and train.get("backend") not in (None, "cpu"):
-        line += f"\n- Accelerator: {train.get('device_count', 1)} x {train.get('device')} ({train['backend']})"
-    return line
-
-
-def versions() -> dict[str, Any]:
-    out = {}
-    for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
-            out[mod] = None
-    return out
-
-
-ALLOCATORS = ("system", "tcmalloc")
-TCMALLOC_CANDIDATES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-
-
-def allocator_env(name: str) -> dict[str, str]:
-    """Environment of the worker processes for host allocator ``name`` (one of :data:`ALLOCATORS`).
-
-    ``'system'``: glibc's malloc as it comes. ``'tcmalloc'``: gperftools' tcmalloc preloaded
-    (``LD_PRELOAD``, Debian package ``libtcmalloc-minimal4``) with ``TCMALLOC_RELEASE_RATE=0``, so freed
-    pages are kept for the next step. Why it matters: XLA and PyTorch allocate each step's buffers anew,
-    glibc serves the large ones with fresh ``mmap`` pages and returns them at ``free``, and every page is
-    then faulted in again on the next step (resnet at batch 128, one core: 33,000 minor faults, 136 MB,
-    73 ms of system time per step; with tcmalloc: none; benchmarks/README.md, host allocator). JAX and
-    PyTorch run in the same worker process, so both always get the same allocator.
-    """
-    if name == "system":
-        return {}
-    if name != "tcmalloc":
-        raise SystemExit(f"unknown allocator {name!r}; known: {', '.join(ALLOCATORS)}")
-    for lib_dir in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
-        for lib in TCMALLOC_CANDIDATES:
-            path = os.path.join(lib_dir, lib)
-            if os.path.exists(path):
-                return {"LD_PRELOAD": path, "TCMALLOC_RELEASE_RATE": "0"}
-    raise SystemExit("--allocator tcmalloc: no libtcmalloc_minimal.so.4 found; install the Debian package "
-                     "libtcmalloc-minimal4")
-
-
-def loaded_allocator() -> str:
-    """``'tcmalloc'`` if this process has tcmalloc mapped (the preload took effect), else ``'system'``."""
-    try:
-        with open("/proc/self/maps") as f:
-            return "tcmalloc" if "libtcmalloc" in f.read() else "system"
-    except OSError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
-
-
-def _jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0, conv_impl: str = "auto"):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from rate_tuning import models, optim, train
-
-    kw, shape = MODELS[arch]
-    jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    model = models.build(arch, "paper", param_dtype=jdt, conv_impl=conv_impl, **kw)
-    labels = model.labels("layer")
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch,) + shape).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(x, jdt))
-    lr_w = optim.constant(LR)
-    tx = optim.two_rate_sgd(labels, lr_w, optim.constant(LR))
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                    batch_stats=variables["batch_stats"])
-    return model, labels, lr_w, state, x, y, jdt
 
 
 def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
@@ -280,15 +100,15 @@ def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
     import jax
     import jax.numpy as jnp
 
-    from rate_tuning import parallel, train
+    from rate_tuning import parallel, steps
 
     from benchmarks import flops
 
-    model, labels, lr_w, state, x, y, jdt = _jax_setup(arch, batch, dtype)
+    model, labels, lr_w, state, x, y, jdt = jax_setup(arch, batch, dtype)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     chex.clear_trace_counter()
     if mesh is None:
-        step = train.make_train_step(model, labels, lr_w, max_traces=1)
+        step = steps.make_train_step(model, labels, lr_w, max_traces=1)
         xs, ys = jnp.asarray(x, jdt), jnp.asarray(y)
         jitted = step
     else:
@@ -308,37 +128,6 @@ def _jax_runner(arch, batch, *, dtype="float32", mesh=None):
         box[0] = s
 
     return run, (lambda: jitted._cache_size()), (lambda: flops.train_flops(model, variables, jnp.asarray(x, jdt)))
-
-
-def torch_device(backend: str) -> str | None:
-    """The PyTorch device matching JAX's backend: ``'cpu'`` on ``cpu``, ``'cuda'`` on ``gpu`` when this torch
-    build sees a CUDA device; None where PyTorch has no peer of the device (TPU, or a CPU-only torch on a
-    GPU host)."""
-    import torch
-
-    if backend == "cpu":
-        return "cpu"
-    if backend in ("gpu", "cuda") and torch.cuda.is_available():
-        return "cuda"
-    return None
-
-
-def torch_precision_settings(device: str) -> dict:
-    """Put PyTorch on the precision JAX uses by default on ``device`` and return what was set.
-
-    JAX computes float32 matrix products and convolutions on NVIDIA GPUs in TensorFloat-32 by default
-    (https://docs.jax.dev/en/latest/201/precision.html); PyTorch does so for convolutions but not for matrix
-    products. Both frameworks are put on TF32 so that the float32 columns compare the same arithmetic, and
-    cuDNN may pick its fastest algorithm (``cudnn.benchmark``), as XLA autotunes. Nothing changes on CPU."""
-    import torch
-
-    if device != "cuda":
-        return {"device": device}
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    return {"device": device, "cuda_device": torch.cuda.get_device_name(0), "matmul_allow_tf32": True,
-            "cudnn_allow_tf32": True, "cudnn_benchmark": True, "torch_cuda": torch.version.cuda}
 
 
 def _torch_runner(arch, batch, *, dtype="float32", device="cpu", channels_last=False, compile=False):
@@ -370,18 +159,6 @@ def _torch_runner(arch, batch, *, dtype="float32", device="cpu", channels_last=F
     return run
 
 
-def _set_threads(threads: int | None) -> int:
-    import torch
-
-    n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    return n
-
-
 def worker_train(args) -> dict:
     """Every (arch, batch, dtype) group: the JAX step on one device and, timed alternately with it, the PyTorch
     peer in the same dtype on the matching device (eager, and its variants); bfloat16 on accelerators."""
@@ -392,12 +169,12 @@ def worker_train(args) -> dict:
     if args.clock == "cpu" and jax.default_backend() != "cpu":
         res["errors"] = [f"the CPU-time clock times the CPU backend, not {jax.default_backend()!r}: skipped"]
         return res
-    want_torch = _have_torch() and not args.no_torch
+    want_torch = have_torch() and not args.no_torch
     device = torch_device(jax.default_backend()) if want_torch else None
     if want_torch and device is None:
         res["torch_skipped"] = f"this torch build has no device for JAX's backend {jax.default_backend()!r}"
     if device is not None:
-        res["torch_threads"] = _set_threads(args.torch_threads)
+        res["torch_threads"] = set_torch_threads(args.torch_threads)
         import torch
 
         res["torch_config"] = {"mkldnn": torch.backends.mkldnn.is_available(),
@@ -499,7 +276,7 @@ def worker_curvature(args) -> dict:
 
     res = {"entries": []}
     for arch, batch in (("mlp", 128), ("convnet", 128)):
-        model, _, _, state, x, y, _ = _jax_setup(arch, batch)
+        model, _, _, state, x, y, _ = jax_setup(arch, batch)
         xs, ys, stats = jnp.asarray(x), jnp.asarray(y), state.batch_stats
 
         def loss(p):
@@ -606,28 +383,12 @@ def worker_parity(args) -> dict:
     return out
 
 
-def _have_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def run_worker(args) -> None:
     if args.pin_core is not None:  # before jax/torch read the affinity
-        os.sched_setaffinity(0, {args.pin_core})
+        pin_to_core(args.pin_core)
     fn = {"train": worker_train, "parallel": worker_parallel, "curvature": worker_curvature,
           "sweep": worker_sweep, "parity": worker_parity}
-    if args.worker == "convnet":
-        from benchmarks import convnet_study
-        out = convnet_study.run(args)
-    else:
-        out = fn[args.worker](args)
-    out["affinity"] = sorted(os.sched_getaffinity(0))
-    out["allocator"] = loaded_allocator()
-    with open(args.json, "w") as f:
-        json.dump(out, f)
+    write_worker_result(fn[args.worker](args), args.json)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,44 +398,17 @@ def run_worker(args) -> None:
 _WORKER_ENV: dict[str, str] = {}  # the allocator's environment, set by orchestrate for every subprocess
 
 
-GPU_MEMORY_FRACTION = "0.5"
-"""``XLA_PYTHON_CLIENT_MEM_FRACTION`` of every worker (unless set): on a GPU, JAX preallocates this share of
-the device's memory and leaves the rest to the PyTorch peer in the same process (JAX's default, 0.75,
-would leave it a quarter). No effect on CPU."""
-
-
-def _worker_environ() -> dict[str, str]:
-    e = dict(os.environ)
-    e.pop("XLA_FLAGS", None)
-    e.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
-    e.update(_WORKER_ENV)
-    return e
-
-
 def _spawn(worker: str, extra: list[str], *, env: dict | None = None, timeout: float = 1800) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "out.json")
-        cmd = [sys.executable, "-m", "benchmarks.run", "--worker", worker, "--json", path, *extra]
-        e = _worker_environ()
-        e.update(env or {})
-        e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, env=e, timeout=timeout, stdout=subprocess.PIPE, stderr=None, text=True)
-        if p.returncode != 0:
-            return {"error": f"worker {worker} {' '.join(extra)} exited with {p.returncode}", "stdout": p.stdout[-2000:]}
-        with open(path) as f:
-            out = json.load(f)
-        out["worker_wall_s"] = time.perf_counter() - t0
-        if "LD_PRELOAD" in _WORKER_ENV and out.get("allocator") != "tcmalloc":
-            return {"error": f"worker {worker}: {_WORKER_ENV['LD_PRELOAD']} was preloaded but is not mapped"}
-        return out
+    """One of this module's workers in a fresh process (:func:`benchmarks.common.spawn_worker`), with the
+    allocator's environment and ``env``."""
+    return spawn_worker("benchmarks.run", worker, extra, env={**_WORKER_ENV, **(env or {})}, timeout=timeout)
 
 
 def _proofs(quick: bool, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "proofs_check", "--out"]
     with tempfile.TemporaryDirectory() as d:
         cmd += [d] + (["--quick"] if quick else [])
-        e = _worker_environ()
+        e = worker_environ(_WORKER_ENV)
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=e, timeout=timeout, capture_output=True, text=True)
@@ -686,7 +420,7 @@ def _proofs(quick: bool, timeout: float) -> dict:
             "claims": len(lines), "tail": p.stdout.splitlines()[-3:] + p.stderr.splitlines()[-3:]}
 
 
-def _common(args) -> list[str]:
+def worker_options(args) -> list[str]:
     """The options every timing worker takes from the command line."""
     return ["--repeats", str(args.repeats), "--min-time", str(args.min_time)] + \
         (["--bf16"] if args.bf16 else []) + (["--no-torch"] if args.no_torch else [])
@@ -711,7 +445,8 @@ def orchestrate(args) -> dict:
                            "preset": "paper (exact BN, eps=0, two-pass variance)", "lr_w": LR, "lr_g": LR,
                            "torch_layouts": args.torch_layouts, "torch_compile": args.torch_compile,
                            "torch_omp_wait_policy": args.omp_wait_policy or "default",
-                           "xla_python_client_mem_fraction": _worker_environ()["XLA_PYTHON_CLIENT_MEM_FRACTION"]},
+                           "xla_python_client_mem_fraction":
+                               worker_environ(_WORKER_ENV)["XLA_PYTHON_CLIENT_MEM_FRACTION"]},
               "sections": {}}
     t_start = time.perf_counter()
     torch_flags = (["--torch-threads", str(args.torch_threads)] if args.torch_threads else []) + \
@@ -726,7 +461,7 @@ def orchestrate(args) -> dict:
         omp = {"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {}
         for arch in models.split(","):  # one process per model: compile caches and memory stay small
             r = _spawn("train", ["--models", arch, "--batches", batches, "--clock", "wall", *torch_flags,
-                                 *_common(args)], env=omp)
+                                 *worker_options(args)], env=omp)
             runs.append(r)
             entries += r.get("entries", [])
         result["sections"]["train"] = {"clock": "wall", "entries": entries,
@@ -735,14 +470,15 @@ def orchestrate(args) -> dict:
                                        **{k: next((r[k] for r in runs if k in r), None)
                                           for k in ("backend", "device", "device_count", "torch_threads",
                                                     "torch_config", "torch_skipped")}}
-    if "train" in sections and _have_torch() and not args.no_torch:
+    if "train" in sections and have_torch() and not args.no_torch:
         log("parity: one float64 step, JAX vs the PyTorch peer")
         result["sections"]["parity"] = _spawn("parity", [])
     if "parallel" in sections:
         n = args.devices or cores
         log(f"train step, data-parallel over {n} devices")
         env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        r = _spawn("parallel", ["--models", models, "--batches", batches, "--clock", "wall", *_common(args)], env=env)
+        r = _spawn("parallel", ["--models", models, "--batches", batches, "--clock", "wall", *worker_options(args)],
+                   env=env)
         result["sections"]["parallel"] = r
     if "percore" in sections:
         core = max(os.sched_getaffinity(0))
@@ -750,7 +486,7 @@ def orchestrate(args) -> dict:
         entries, errors = [], []
         for arch in models.split(","):
             r = _spawn("train", ["--models", arch, "--batches", "128", "--clock", "cpu", "--pin-core", str(core),
-                                 "--torch-threads", "1", "--torch-layouts", args.torch_layouts, *_common(args)])
+                                 "--torch-threads", "1", "--torch-layouts", args.torch_layouts, *worker_options(args)])
             entries += r.get("entries", [])
             errors += ([r["error"]] if "error" in r else []) + r.get("errors", [])
         result["sections"]["percore"] = {"clock": "cpu", "core": core, "entries": entries,
@@ -758,7 +494,7 @@ def orchestrate(args) -> dict:
     if "curvature" in sections:
         log("HVP and Lanczos vs gradient")
         result["sections"]["curvature"] = _spawn("curvature", ["--clock", "wall", "--lanczos-steps",
-                                                               str(args.lanczos_steps), *_common(args)])
+                                                               str(args.lanczos_steps), *worker_options(args)])
     if "sweep" in sections:
         log("sweep runs/s")
         result["sections"]["sweep"] = _spawn("sweep", ["--clock", "wall", "--repeats", str(args.repeats),
@@ -772,8 +508,8 @@ def orchestrate(args) -> dict:
         result["sections"]["proofs"] = {"entries": pr}
     if "convnet" in sections:
         log("convnet investigation")
-        from benchmarks import convnet_study
-        result["sections"]["convnet"] = convnet_study.orchestrate(args, _spawn)
+        from benchmarks.studies import convnet_study
+        result["sections"]["convnet"] = convnet_study.orchestrate(args, convnet_study.spawner(_WORKER_ENV))
     result["hardware"]["loadavg_end"] = list(os.getloadavg())
     result["total_wall_s"] = time.perf_counter() - t_start
     return result
@@ -868,7 +604,7 @@ def markdown(result: dict) -> str:
         if tc.get("device") == "cuda":
             lines += [f"PyTorch on {tc.get('cuda_device')} (CUDA {tc.get('torch_cuda')}), float32 products and "
                       "convolutions in TF32 as JAX's default, `cudnn.benchmark` on "
-                      "(`benchmarks.run.torch_precision_settings`).", ""]
+                      "(`benchmarks.common.torch_precision_settings`).", ""]
         if s["train"].get("torch_skipped"):
             lines += [f"No PyTorch peer: {s['train']['torch_skipped']}.", ""]
         lines += _train_table(s["train"]["entries"], par, "wall")
@@ -912,7 +648,7 @@ def markdown(result: dict) -> str:
                          f"{e.get('exit_status', e.get('error'))} |")
         lines.append("")
     if "convnet" in s:
-        from benchmarks import convnet_study
+        from benchmarks.studies import convnet_study
         lines += convnet_study.markdown(s["convnet"])
     lines.append(f"Total wall time of the suite: {result.get('total_wall_s', 0):.0f} s.")
     return "\n".join(lines) + "\n"
@@ -928,7 +664,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=None, help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--convnet-studies", default=None,
                    help="with the convnet section: comma-separated parts of it (default: all; "
-                        "benchmarks.convnet_study.STUDIES)")
+                        "benchmarks.studies.convnet_study.STUDIES)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batches", default=None, help="comma-separated (default: 128 quick, 128,1024 full)")
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (>= 5; default 5 quick, 9 full)")
@@ -956,8 +692,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help=argparse.SUPPRESS)
     p.add_argument("--pin-core", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--study", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--variants", default="native,im2col,s2d,maxpool,bfloat16", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 9

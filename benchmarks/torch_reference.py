@@ -278,7 +278,7 @@ def to_torch_batch(x: np.ndarray, y: np.ndarray, dtype=torch.float32, channels_l
 def check_parity(model, params, labels, x: np.ndarray, y: np.ndarray, lr_w: float, lr_g: float):
     """One two-rate SGD step in float64 from the same params in both frameworks: returns
     ``(|loss difference|, max relative difference of the updated params)``. Uses the rate_tuning step
-    (:func:`rate_tuning.train.make_train_step` logic: loss, gradient, :func:`rate_tuning.optim.two_rate_sgd`)."""
+    (:func:`rate_tuning.steps.make_train_step` logic: loss, gradient, :func:`rate_tuning.optim.two_rate_sgd`)."""
     import jax
     import jax.numpy as jnp
     import optax

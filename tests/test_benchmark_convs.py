@@ -1,10 +1,15 @@
-"""The convolution formulations the convnet study times compute the same convolution (float64)."""
+"""The convolution formulations the convnet study times compute the same convolution (float64).
+
+The study is research (``benchmarks/studies``), not the library: these tests are ``slow``, out of the quick
+loop (``pytest -m "not slow"``)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import convnet_study as cs
+from benchmarks.studies import convnet_study as cs
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("impl", ["shift", "winograd", "im2col"])

@@ -18,6 +18,7 @@ def test_op_times_sum_each_operation_per_step_and_leave_the_runtime_out():
     assert ps.by_kind(times) == {"ynn_fusion": 3.0, "transpose_copy_fusion": 0.25}
 
 
+@pytest.mark.slow  # compiles and profiles a train step: several seconds on a shared CPU
 def test_profile_of_a_real_step_lists_its_operations(tmp_path):
     hlo = tmp_path / "step.hlo"
     times = ps.profile("mlp", batch=16, conv_impl="auto", steps=2, hlo_path=str(hlo))

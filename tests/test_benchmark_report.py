@@ -1,7 +1,8 @@
 """The benchmark suite's bookkeeping: the hardware it records and the tables it writes (no timing here)."""
 import pytest
 
-from benchmarks import run
+from benchmarks import common, run
+from benchmarks.studies import convnet_study
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -24,12 +25,12 @@ CPU implementer\t: 0x41
 
 
 def test_cpu_info_reads_the_first_processor_and_its_vector_extensions():
-    info = run.cpu_info(X86)
+    info = common.cpu_info(X86)
     assert info == {"cpu_model": "AMD EPYC", "vendor": "AuthenticAMD", "family": "26", "model": "2",
                     "stepping": "1", "cache": "1024 KB",
                     "cpu_features": ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]}
-    assert run.cpu_info(ARM)["cpu_features"] == ["asimd", "sve"]
-    assert run.cpu_info("")["cpu_features"] == []
+    assert common.cpu_info(ARM)["cpu_features"] == ["asimd", "sve"]
+    assert common.cpu_info("")["cpu_features"] == []
 
 
 def _entry(framework, dtype, variant, examples_per_s, model="resnet", batch=1024):
@@ -72,13 +73,11 @@ def test_a_missing_pytorch_peer_is_said_and_leaves_no_ratio():
 
 def test_bf16_and_no_torch_reach_every_timing_worker():
     args = run.parse_args(["--quick", "--bf16", "--no-torch"])
-    assert {"--bf16", "--no-torch"} <= set(run._common(args))
-    assert not {"--bf16", "--no-torch"} & set(run._common(run.parse_args(["--quick"])))
+    assert {"--bf16", "--no-torch"} <= set(run.worker_options(args))
+    assert not {"--bf16", "--no-torch"} & set(run.worker_options(run.parse_args(["--quick"])))
 
 
 def test_the_convnet_section_runs_only_the_chosen_studies():
-    from benchmarks import convnet_study
-
     calls = []
 
     def spawn(worker, extra, env=None):
@@ -94,14 +93,30 @@ def test_the_convnet_section_runs_only_the_chosen_studies():
     with pytest.raises(SystemExit, match="unknown convnet studies"):
         convnet_study.orchestrate(args, spawn)
     assert len(calls) == 1  # nothing spawned for a bad name
+    standalone = convnet_study.parse_args(["--quick", "--studies", "convs_percore"])  # the study on its own
+    assert convnet_study.orchestrate(standalone, spawn) == out and calls[1] == calls[0]
+
+
+def test_the_studies_run_their_own_workers(monkeypatch):
+    """The convnet section's workers are subprocesses of the study's module (not of ``benchmarks.run``), with
+    the allocator's environment under the call's own."""
+    seen = []
+    monkeypatch.setattr(convnet_study, "spawn_worker",
+                        lambda module, worker, extra, env=None: seen.append((module, worker, extra, env)) or {})
+    convnet_study.spawner({"LD_PRELOAD": "x"})("convnet", ["--study", "bnpool"], env={"XLA_FLAGS": "f"})
+    assert seen == [("benchmarks.studies.convnet_study", "convnet", ["--study", "bnpool"],
+                     {"LD_PRELOAD": "x", "XLA_FLAGS": "f"})]
+    args = convnet_study.parse_args(["--worker", "convnet", "--json", "o.json", "--study", "steps", "--batches",
+                                     "128", "--clock", "cpu", "--pin-core", "0", "--repeats", "5"])
+    assert (args.study, args.clock, args.pin_core, args.no_torch) == ("steps", "cpu", 0, False)
 
 
 def test_the_pytorch_peer_runs_where_jax_runs_or_not_at_all():
     torch = pytest.importorskip("torch")  # the optional `bench` extra
-    assert run.torch_device("cpu") == "cpu"
-    assert run.torch_device("tpu") is None
-    assert run.torch_device("gpu") == ("cuda" if torch.cuda.is_available() else None)
-    assert run.torch_precision_settings("cpu") == {"device": "cpu"}  # nothing changed on the CPU
+    assert common.torch_device("cpu") == "cpu"
+    assert common.torch_device("tpu") is None
+    assert common.torch_device("gpu") == ("cuda" if torch.cuda.is_available() else None)
+    assert common.torch_precision_settings("cpu") == {"device": "cpu"}  # nothing changed on the CPU
 
 
 @pytest.mark.parametrize("arch", ["mlp", "convnet"])
@@ -115,7 +130,7 @@ def test_the_pytorch_peer_trains_in_bfloat16(arch):
     from benchmarks import torch_reference as tr
     from rate_tuning import models
 
-    _, shape = run.MODELS[arch]
+    _, shape = common.MODELS[arch]
     model = models.build(arch, "paper", **({"widths": (16,)} if arch == "mlp" else {"channels": (4, 8)}))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32,) + shape).astype(np.float32), rng.integers(0, 10, 32)

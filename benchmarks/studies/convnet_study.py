@@ -1,7 +1,14 @@
 """Why the convnet trains slower in JAX than in PyTorch on this CPU, measured piece by piece.
 
-Run through the suite (``python -m benchmarks.run --sections convnet``); each study is a subprocess of
-:mod:`benchmarks.run` (``--worker convnet --study NAME``). The model is ``models.convnet()`` (3x3
+Research, not used by the library (its conclusions are in benchmarks/README.md). Run on its own::
+
+    python -m benchmarks.studies.convnet_study --quick --studies convs_percore   # one part of it
+    python -m benchmarks.studies.convnet_study                                   # all of STUDIES
+
+(writes ``benchmarks/results/convnet_study_cpu.{json,md}``; ``--out``, ``--name``), or as the suite's
+``convnet`` section (``python -m benchmarks.run --sections convnet --convnet-studies ...``). Either way each
+measurement is a subprocess of this module (``--worker convnet --study NAME``). It imports
+:mod:`benchmarks.common` only, never :mod:`benchmarks.run`. The model is ``models.convnet()`` (3x3
 stride-2 convolutions 16-32-64, exact BN, global average pool) on 32x32x3 inputs, float32, batch 128.
 
 Studies:
@@ -15,7 +22,7 @@ Studies:
   and ``winograd`` (F(2x2, 3x3): 16 matmuls per 2x2 output tile instead of 36); the PyTorch (oneDNN) peer.
   The compiled HLO of each pass is inspected: which convolutions XLA hands to YNNPACK (``__ynn_fusion``)
   and which stay XLA ``convolution`` ops (Eigen), with their ``lhs_dilate`` / ``rhs_dilate``.
-* ``steps``: the whole train step (:func:`rate_tuning.train.make_train_step`) for variants of the model:
+* ``steps``: the whole train step (:func:`rate_tuning.steps.make_train_step`) for variants of the model:
   ``native``; ``im2col`` (the same parameters and labels, each convolution computed as im2col + matmul);
   ``maxpool`` (stride-1 convolutions + 2x2 max-pool instead of strides: 4x the convolution FLOPs);
   ``bfloat16`` (params and inputs; BN statistics stay float32); and the PyTorch peer of each (NCHW
@@ -25,10 +32,19 @@ Studies:
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import math
+import os
 import sys
+import time
 from typing import Any
+
+from benchmarks.common import (ALLOCATORS, allocator_env, hardware, hardware_line, have_torch, measure, pin_to_core,
+                               set_torch_threads, spawn_worker, summarize, versions, write_worker_result)
+
+MODULE = "benchmarks.studies.convnet_study"
 
 LAYER_SETS = {  # (input size, in channels, out channels, kernel, stride) of each distinct convolution
     "convnet": ((32, 3, 16, 3, 2), (16, 16, 32, 3, 2), (8, 32, 64, 3, 2)),
@@ -172,8 +188,6 @@ def study_convs(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.run import measure, summarize
-
     rng = np.random.default_rng(0)
     out = {"entries": [], "clock": args.clock}
     sets = [v for v in args.variants.split(",") if v in LAYER_SETS] or ["convnet"]
@@ -181,11 +195,10 @@ def study_convs(args) -> dict:
     layers = [(name, *l) for name in sets for l in LAYER_SETS[name]]
     torch_layouts = [v for v in args.variants.split(",") if v in ("torch_nchw", "torch_cl")]
     if torch_layouts:
-        from benchmarks.run import _have_torch, _set_threads
-        if not _have_torch():
+        if not have_torch():
             torch_layouts = []
         else:
-            out["torch_threads"] = _set_threads(args.torch_threads)
+            out["torch_threads"] = set_torch_threads(args.torch_threads)
     for model_name, h, c, f, ksz, stride in layers:
         x = rng.normal(size=(BATCH, h, h, c)).astype(np.float32)
         k = rng.normal(size=(ksz, ksz, c, f)).astype(np.float32)
@@ -231,8 +244,6 @@ def _torch_conv_entries(x, k, stride, layout, model_name, h, c, f, ksz, flops, a
     forward, and the input / kernel gradients each timed as (forward + that gradient) - forward."""
     import torch
     import torch.nn.functional as F
-
-    from benchmarks.run import measure, summarize
 
     cl = layout == "torch_cl"
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -423,6 +434,7 @@ def variant_model(name: str, dtype="float32"):
     elif base != "resnet":
         raise ValueError(f"unknown variant {name!r}")
     Conv = _conv_module()
+    base_cls = models.ResNet if base == "resnet" else models.BNNet
 
     def make_bn(self, name, train, affine):
         return fast_bn(use_running_average=not train, use_scale=affine, use_bias=affine,
@@ -430,8 +442,7 @@ def variant_model(name: str, dtype="float32"):
 
     def layer_bn(self, x, kind, features, name, bn_name, train, affine, kernel_size=3, stride=1):
         if kind == "dense" or conv_impl != "s2d":
-            return models._BNNetBase._layer_bn(self, x, kind, features, name, bn_name, train, affine,
-                                               kernel_size, stride)
+            return base_cls._layer_bn(self, x, kind, features, name, bn_name, train, affine, kernel_size, stride)
         layer = Conv(features, kernel_size, stride, conv_impl, self.param_dtype, name=name)
         x = layer(x)
         kernel = layer.variables["params"]["kernel"]
@@ -468,15 +479,14 @@ def study_steps(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.run import _have_torch, _set_threads, measure, summarize
-    from rate_tuning import optim, train
+    from rate_tuning import optim, steps
 
     variants = args.variants.split(",")
     batch = int(args.batches.split(",")[0])
     out = {"entries": [], "clock": args.clock, "batch": batch, "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}
-    have_torch = _have_torch() and not args.no_torch
-    if have_torch:
-        out["torch_threads"] = _set_threads(args.torch_threads)
+    with_torch = have_torch() and not args.no_torch
+    if with_torch:
+        out["torch_threads"] = set_torch_threads(args.torch_threads)
     rng = np.random.default_rng(0)
     runners, meta, checks = {}, {}, {}
     for v in variants:
@@ -504,10 +514,10 @@ def study_steps(args) -> dict:
                 float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) for a, b in
                 zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)))
         lr_w = optim.constant(0.1)
-        state = train.TrainState.create(apply_fn=model.apply, params=variables["params"],
+        state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                         tx=optim.two_rate_sgd(labels, lr_w, lr_w), batch_stats=variables["batch_stats"])
         chex.clear_trace_counter()
-        step = train.make_train_step(model, labels, lr_w)
+        step = steps.make_train_step(model, labels, lr_w)
         xs, ys = jnp.asarray(x, jdt), jnp.asarray(y)
         box = [state]
 
@@ -521,7 +531,7 @@ def study_steps(args) -> dict:
         runners[f"jax/{v}"] = run
         checks[f"jax/{v}"] = step
         meta[f"jax/{v}"] = {"framework": "jax", "variant": v}
-        if have_torch and "+" not in v and base != "bfloat16":
+        if with_torch and "+" not in v and base != "bfloat16":
             from benchmarks import torch_reference as tr
             for cl in (False, True):
                 tstep, _, _ = tr.make_step(model, labels, shape, channels_last=cl)
@@ -556,17 +566,16 @@ def study_bnpool(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks.run import _have_torch, _set_threads, measure, summarize
     from rate_tuning import layers
 
     out = {"entries": [], "clock": args.clock}
-    have_torch = _have_torch() and not args.no_torch
-    if have_torch:
+    with_torch = have_torch() and not args.no_torch
+    if with_torch:
         import torch
         import torch.nn.functional as F
 
         from benchmarks.torch_reference import ExactBatchNorm
-        out["torch_threads"] = _set_threads(args.torch_threads)
+        out["torch_threads"] = set_torch_threads(args.torch_threads)
     rng = np.random.default_rng(0)
     for shape in ((BATCH, 32, 32, 32), (BATCH, 16, 16, 64), (BATCH, 8, 8, 128)):
         x = rng.normal(size=shape).astype(np.float32)
@@ -596,7 +605,7 @@ def study_bnpool(args) -> dict:
             "jax max_pool (reduce_window) fwd+bwd": lambda n: jax.block_until_ready([pool_rw(xj) for _ in range(n)]),
             "jax max_pool (reshape+max) fwd+bwd": lambda n: jax.block_until_ready([pool_rs(xj) for _ in range(n)]),
         }
-        if have_torch:
+        if with_torch:
             xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
             tb = ExactBatchNorm(shape[-1])
             nb = torch.nn.BatchNorm2d(shape[-1])
@@ -622,8 +631,15 @@ def study_bnpool(args) -> dict:
     return out
 
 
-def run(args) -> dict:
-    return {"convs": study_convs, "steps": study_steps, "bnpool": study_bnpool}[args.study](args)
+WORKERS = {"convs": study_convs, "steps": study_steps, "bnpool": study_bnpool}
+"""The measurements a worker process makes (``--worker convnet --study NAME``)."""
+
+
+def run_worker(args) -> None:
+    """A worker: pin to ``--pin-core`` (before JAX or PyTorch start), run ``--study``, write ``--json``."""
+    if args.pin_core is not None:
+        pin_to_core(args.pin_core)
+    write_worker_result(WORKERS[args.study](args), args.json)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -631,12 +647,23 @@ def run(args) -> dict:
 
 
 STUDIES = ("convs_percore", "convs_wall", "bnpool_percore", "steps_percore", "steps_wall", "flags")
-"""The parts of the investigation, in the order they run (``--convnet-studies`` picks some; default all)."""
+"""The parts of the investigation, in the order they run (``--studies``, or ``--convnet-studies`` of the
+suite, picks some; default all)."""
+
+
+def spawner(base_env: dict[str, str] | None = None):
+    """``spawn(worker, extra, env=None)`` for :func:`orchestrate`: a worker of this module in a fresh process
+    (:func:`benchmarks.common.spawn_worker`) with ``base_env`` (the allocator's) and the call's ``env``."""
+    def spawn(worker: str, extra: list[str], env: dict | None = None) -> dict:
+        return spawn_worker(MODULE, worker, extra, env={**(base_env or {}), **(env or {})})
+
+    return spawn
 
 
 def orchestrate(args, spawn) -> dict:
-    import os
-
+    """Run the chosen :data:`STUDIES` (``args.convnet_studies``, comma-separated; None: all) with
+    ``args.repeats`` and ``args.min_time``, each through ``spawn(worker, extra, env=None)`` (:func:`spawner`);
+    returns ``{study: its workers' results}``."""
     chosen = (args.convnet_studies or ",".join(STUDIES)).split(",")
     unknown = sorted(set(chosen) - set(STUDIES))
     if unknown:
@@ -763,3 +790,87 @@ def markdown(res: dict) -> list[str]:
                          f"{_f(rw) if rw else 'error'} | {_ratio(rw, base_w)} |")
         lines.append("")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# On its own: python -m benchmarks.studies.convnet_study
+
+
+def report(result: dict) -> str:
+    """The Markdown of a :func:`main` result: the hardware, allocator and settings, then :func:`markdown`."""
+    hw, s = result["hardware"], result["settings"]
+    a = result["allocator"]
+    lines = [f"# Convnet study ({result['mode']}), {hw['date']}", "", hardware_line(hw),
+             f"- Host allocator: {a['name']}" + (f" ({', '.join(f'{k}={v}' for k, v in a['env'].items())})"
+                                                 if a["env"] else ""),
+             f"- Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in hw['loadavg'])}, at end "
+             f"{', '.join(f'{x:.1f}' for x in hw.get('loadavg_end', []))}",
+             "- Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
+             f"- Settings: {s['repeats']} repeats of >= {s['min_time_s']} s after 2 warm-up steps; median and IQR; "
+             f"studies: {', '.join(s['studies'])}", ""]
+    lines += markdown(result["sections"]["convnet"])
+    lines.append(f"Total wall time: {result.get('total_wall_s', 0):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--studies", dest="convnet_studies", default=None,
+                   help=f"comma-separated, of {', '.join(STUDIES)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="5 repeats of >= 0.2 s (default: 9 of >= 1 s)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (>= 5)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds per repeat")
+    p.add_argument("--allocator", default="system", choices=ALLOCATORS,
+                   help="host allocator of every worker (benchmarks.common.allocator_env)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 "results"), help="directory of the JSON and Markdown results")
+    p.add_argument("--name", default="convnet_study_cpu", help="result file stem")
+    # worker-only
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--study", default=None, choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="native,im2col,s2d,maxpool,bfloat16", help=argparse.SUPPRESS)
+    p.add_argument("--batches", default="128", help=argparse.SUPPRESS)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help=argparse.SUPPRESS)
+    p.add_argument("--pin-core", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--torch-threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-torch", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 9
+    if args.repeats < 5 and args.worker is None:
+        p.error("--repeats must be >= 5")
+    if args.min_time is None:
+        args.min_time = 0.2 if args.quick else 1.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    env = allocator_env(args.allocator)
+    t0 = time.perf_counter()
+    result = {"study": "convnet", "mode": "quick" if args.quick else "full", "hardware": hardware(),
+              "versions": versions(), "allocator": {"name": args.allocator, "env": env},
+              "settings": {"repeats": args.repeats, "min_time_s": args.min_time,
+                           "studies": (args.convnet_studies or ",".join(STUDIES)).split(",")}}
+    result["sections"] = {"convnet": orchestrate(args, spawner(env))}
+    result["hardware"]["loadavg_end"] = list(os.getloadavg())
+    result["total_wall_s"] = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, args.name)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    md = report(result)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {stem}.json and .md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,10 +20,11 @@ The result sets ``rate_tuning.sweep.AUTO_VMAP_MAX_FLOPS`` (the ``'auto'`` strate
 mean of the largest per-step FLOPs where vmap still won and the smallest where it lost, by wall-clock
 (printed as ``suggested_auto_max_flops``).
 
-Run::
+A study, run on demand (not a section of ``benchmarks.run``, whose ``sweep`` section times one such
+configuration)::
 
-    python benchmarks/sweep_vmap_vs_loop.py                       # widths 16..512 x batches 32, 256
-    python benchmarks/sweep_vmap_vs_loop.py --widths 64 512 --batches 256 --repeats 5
+    python -m benchmarks.studies.sweep_vmap_vs_loop                # widths 16..512 x batches 32, 256
+    python -m benchmarks.studies.sweep_vmap_vs_loop --widths 64 512 --batches 256 --repeats 5
 
 Writes ``benchmarks/results/sweep_vmap_vs_loop_<backend>.json`` (``--out`` to change) and prints a table.
 """
@@ -47,7 +48,7 @@ import optax
 
 from rate_tuning import data, models, sweep
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
 
 
 def environment() -> dict:
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
               f"{r['repeats']:>3} {v['first_call_s']:>10.1f} / {l['first_call_s']:<8.1f}")
     print(f"suggested AUTO_VMAP_MAX_FLOPS: {report['suggested_auto_max_flops']} "
           f"(in use: {report['auto_max_flops_in_use']:g})")
-    out = args.out or os.path.join(HERE, "results", f"sweep_vmap_vs_loop_{env['jax_backend']}.json")
+    out = args.out or os.path.join(RESULTS, f"sweep_vmap_vs_loop_{env['jax_backend']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
