@@ -48,6 +48,7 @@ import numpy as np
 
 from proofs_check.claims import ClaimResult
 from proofs_check.evidence import Evidence
+from rate_tuning import jsonio
 
 SCHEMA_VERSION = 1
 REPORT = "report.md"
@@ -106,46 +107,35 @@ def summary(results: Sequence[ClaimResult], errors: Mapping[str, str] | None = N
 # JSON
 # ---------------------------------------------------------------------------------------------------------
 
-_NONFINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+NUMERIC_FIELDS = ("measured", "bound", "tolerance", "margin")
+"""Numbers of a record that may be non-finite: written as ``null``, their value named in ``nonfinite``."""
 
 
-def _jsonable(x):
-    """Plain JSON data: numpy scalars and arrays become Python numbers and lists, non-finite floats the
-    strings ``'NaN'``, ``'Infinity'``, ``'-Infinity'`` (strict JSON has no such numbers)."""
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "Infinity" if x > 0 else "-Infinity"
-        return x
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
+def _record_json(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as strict JSON data (:mod:`rate_tuning.jsonio`: non-finite numbers are ``null``), with
+    ``nonfinite`` naming each numeric field that was NaN or +-inf (e.g. ``{"measured": "inf"}``: diverged)."""
+    flags = {}
+    for k in NUMERIC_FIELDS:
+        v = d.get(k)
+        if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+            flags[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return {**jsonio.to_json_value(dict(d)), "nonfinite": flags}
 
 
-def _float(v) -> float:
-    """A number of the JSON files (``None``, a missing point, reads as NaN)."""
+def _float(v, flag: str | None = None) -> float:
+    """A number of the JSON files: ``None`` reads as the value its ``nonfinite`` flag names, else NaN."""
     if v is None:
-        return math.nan
-    return _NONFINITE[v] if isinstance(v, str) and v in _NONFINITE else float(v)
+        return float(flag) if flag else math.nan
+    return float(v)
 
 
 def evidence_from_dict(d: Mapping[str, Any]) -> Evidence:
     """The :class:`Evidence` of a record of ``evidence.json`` (its curves are in ``curves.json``)."""
     details = dict(d.get("details", {}))
-    return Evidence(claim=d["claim"], setting=d["setting"], measured=_float(d["measured"]),
-                    bound=_float(d["bound"]), relation=d["relation"], tolerance=_float(d["tolerance"]),
+    flags = d.get("nonfinite") or {}
+    return Evidence(claim=d["claim"], setting=d["setting"], measured=_float(d["measured"], flags.get("measured")),
+                    bound=_float(d["bound"], flags.get("bound")), relation=d["relation"],
+                    tolerance=_float(d["tolerance"], flags.get("tolerance")),
                     dtype=d["dtype"], bn=d["bn"], negative_control=bool(d["negative_control"]), details=details)
 
 
@@ -374,7 +364,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    _write_text(path, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+    _write_text(path, jsonio.dumps(data, indent=1) + "\n")
 
 
 def _render(results, errors, tmp: Path, meta: dict) -> list[str]:
@@ -416,7 +406,7 @@ def _render(results, errors, tmp: Path, meta: dict) -> list[str]:
                 details["curves"] = entry  # name -> plot file (data in curves.json)
             d["details"] = details
             d["ok"] = record_ok(e)
-            records.append(d)
+            records.append(_record_json(d))
         claims_json.append({
             "id": r.claim.id, "paper_ref": r.claim.paper_ref, "statement": r.claim.statement,
             "hypotheses": r.claim.hypotheses, "negative_controls": list(r.claim.negative_controls),

@@ -35,7 +35,8 @@ class JSONInputError(ValueError):
 def to_json_value(v: Any) -> Any:
     """``v`` as plain JSON data: dicts, lists, str, bool, None, int and finite floats (non-finite -> None).
 
-    Arrays of one element become Python scalars; larger arrays become (nested) lists.
+    Arrays of one element become Python scalars; larger arrays become (nested) lists; any other object
+    its ``str``.
     """
     if isinstance(v, dict):
         return {str(k): to_json_value(x) for k, x in v.items()}
@@ -45,7 +46,12 @@ def to_json_value(v: Any) -> Any:
         return bool(v) if isinstance(v, np.bool_) else v
     if isinstance(v, (int, np.integer)):
         return int(v)
-    a = np.asarray(v)
+    try:
+        a = np.asarray(v)
+    except Exception:  # noqa: BLE001 -- an object numpy cannot take: its text
+        return str(v)
+    if a.dtype.kind not in "biuf":
+        return str(v) if a.size == 1 else to_json_value(a.tolist())
     if a.size != 1:
         return to_json_value(a.tolist())
     if a.dtype.kind in "iu":

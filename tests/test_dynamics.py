@@ -2,7 +2,7 @@
 violated. Each claim runs once per module (the ``evidence`` fixture of conftest.py memoises it)."""
 import pytest
 
-from tests.claim_testing import (CURVE_KEYS, assert_claim_holds, assert_controls_listed, assert_controls_violated,
+from tests.helpers import (CURVE_KEYS, assert_claim_holds, assert_controls_listed, assert_controls_violated,
                                  check_curve, curves_of)
 
 CLAIMS = ("C4", "C5", "C6", "C7", "C8", "C13", "I3")

@@ -8,7 +8,7 @@ import pytest
 from proofs_check import claims
 from proofs_check.checks import experiments as X
 from rate_tuning import data
-from tests.claim_testing import assert_claim_holds, check_curve, curves_of
+from tests.helpers import assert_claim_holds, check_curve, curves_of
 
 CLAIMS = ("C22", "C23")
 

@@ -10,7 +10,7 @@ import pytest
 
 from proofs_check import problems
 from proofs_check.checks import gd
-from tests.claim_testing import (assert_claim_holds, assert_controls_listed, assert_controls_violated, check_curve,
+from tests.helpers import (assert_claim_holds, assert_controls_listed, assert_controls_violated, check_curve,
                                  curves_of)
 
 CLAIMS = ("C9", "C10", "C11", "C12", "C14", "C15")

@@ -16,7 +16,7 @@ from proofs_check import report
 from proofs_check.checks import identities as I
 from rate_tuning import groups as G
 from rate_tuning import models as M
-from tests.claim_testing import assert_claim_holds, assert_controls_violated, describe
+from tests.helpers import assert_claim_holds, assert_controls_violated, describe
 
 IDS = ("C1", "C2", "C3", "C19", "C20", "C21")
 REGISTRY = claims.load_all()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rate_tuning import groups as G, metrics
-from tests.test_models import build
+from tests.helpers import build
 
 
 @pytest.mark.parametrize("arch,preset", [("mlp", "paper"), ("convnet", "smoothed"), ("resnet", "paper")])

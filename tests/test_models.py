@@ -1,34 +1,12 @@
 """Presets yield labels that verify_labels accepts on a real batch in float64, and wrong labels are named."""
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rate_tuning import data, groups as G, models
-
-# Tiny versions of every architecture, on 8x8 digits images.
-TINY = {"mlp": dict(widths=(8, 8)), "convnet": dict(channels=(4, 8)), "vgg": dict(config=(4, "M", 8, "M")),
-        "resnet": dict(stage_channels=(4, 8))}
-
-
-@functools.lru_cache(maxsize=None)
-def digits_batch(n=32):
-    ds = data.digits(seed=0)
-    return np.asarray(ds.x_train[:n]), np.asarray(ds.y_train[:n])
-
-
-def build(arch, preset, bn=None, seed=0):
-    """Model, float64 params and batch stats, and the train-mode loss on a fixed digits batch."""
-    x, y = digits_batch()
-    x = jnp.asarray(x, jnp.float64)
-    model = models.build(arch, preset, bn=bn, num_classes=10, param_dtype=jnp.float64, **TINY[arch])
-    variables = model.init(jax.random.key(seed), x)
-    stats = variables.get("batch_stats", {})
-    loss = lambda p: models.batch_loss(model, p, stats, x, jnp.asarray(y))[0]
-    return model, variables["params"], loss
-
+from rate_tuning import groups as G, models
+from tests.helpers import TINY, build, digits_batch
 
 @pytest.mark.parametrize("arch", list(TINY))
 @pytest.mark.parametrize("preset", list(models.PRESETS))

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from rate_tuning import groups as G, metrics, models, optim
-from tests.test_models import TINY, build
+from rate_tuning import groups as G, optim
+from tests.helpers import build
 
 LABELS = {"w": G.si("w"), "g": G.VARIANT_LABEL, "f": G.FROZEN_LABEL}
 

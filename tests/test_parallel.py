@@ -81,7 +81,7 @@ def worker_8dev(out_path: str) -> None:
     import jax.numpy as jnp
 
     from rate_tuning import groups as G
-    from rate_tuning import models, parallel, steps, train
+    from rate_tuning import models, parallel, steps
 
     report = {"device_count": jax.device_count()}
     with jax.enable_x64(True):
@@ -148,7 +148,7 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
 
     if mode == "dist":
         parallel.distributed_initialize(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60)
-    from rate_tuning import data, steps, train
+    from rate_tuning import data, steps
 
     with jax.enable_x64(True):
         setup, x, y = _problem("mlp", 128)

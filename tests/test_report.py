@@ -128,8 +128,26 @@ def test_evidence_json_round_trip(results, tmp_path):
     curves = json.loads((tmp_path / "rep" / "curves.json").read_text())["curves"]
     assert [(c["claim"], c["record"]) for c in curves] == [("C901", 0), ("C903", 2)]
     assert curves[0]["curves"]["norm growth (a, b)"]["y"] == [1.0, 0.5, 0.25, 0.0]
-    assert curves[0]["curves"]["multi"]["y"]["b"][1] == "NaN"
+    assert curves[0]["curves"]["multi"]["y"]["b"][1] is None  # strict JSON: a missing point is null
     assert curves[1]["curves"]["bad"]["plot"] is None
+
+
+def test_numeric_fields_are_numbers_or_null_and_nonfinite_values_are_flagged(tmp_path):
+    """evidence.json holds no string for a number: +-inf and NaN are ``null`` with a ``nonfinite`` flag that
+    names them, and loading gives the exact values back (a diverged run measures inf)."""
+    records = [_ev("C905", "diverged", float("inf")), _ev("C905", "below", float("-inf"), tol=float("inf")),
+               _ev("C905", "nan", float("nan"), control=True), _ev("C905", "finite", 0.5)]
+    R.write_report([ClaimResult(_claim("C905", records), records, 0.1)], tmp_path / "rep")
+    raw = json.loads((tmp_path / "rep" / "evidence.json").read_text())["claims"][0]["records"]
+    for rec in raw:
+        for field in R.NUMERIC_FIELDS:
+            assert rec[field] is None or isinstance(rec[field], (int, float)), (field, rec[field])
+    assert [r["nonfinite"] for r in raw] == [{"measured": "inf", "margin": "-inf"},
+                                            {"measured": "-inf", "tolerance": "inf", "margin": "inf"},
+                                            {"measured": "nan", "margin": "nan"}, {}]
+    loaded = R.load_evidence(tmp_path / "rep")["claims"][0]["evidence"]
+    assert [e.measured for e in loaded][:2] == [float("inf"), float("-inf")] and math.isnan(loaded[2].measured)
+    assert loaded[1].tolerance == float("inf") and loaded[3].measured == 0.5
 
 
 def test_rewrite_replaces_files_keeps_foreign_ones_and_drops_stale_plots(results, tmp_path):

@@ -25,6 +25,7 @@ import pytest
 
 from rate_tuning import checkpoint as ckpt
 from rate_tuning import cli, configs, rundir, steps, train
+from tests import crash
 
 TINY = ["data_kwargs.n_train=64", "data_kwargs.n_test=32", "data_kwargs.dim=6", "data_kwargs.num_classes=3",
         "data_kwargs.seed=1", "arch_kwargs.widths=8,8", "batch_size=16", "seed=3", "dtype=float64",
@@ -32,6 +33,7 @@ TINY = ["data_kwargs.n_train=64", "data_kwargs.n_test=32", "data_kwargs.dim=6", 
 """A tiny 'paper'-preset MLP (scale-invariant and scale-variant groups, BN statistics) in float64."""
 
 PINNED_THREADS = "--xla_cpu_multi_thread_eigen=false"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -79,17 +81,16 @@ def _cli(workdir, overrides, *, kill_at=None, resume=False, cache=None, **popen)
     if cache:  # jax's persistent compilation cache: the same HLO gives the same executable, only faster
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop(train.KILL_ENV, None)
-    if kill_at:
-        env[train.KILL_ENV] = kill_at
-    argv = [sys.executable, "-m", "rate_tuning.cli", "train", "--config", "synthetic", "--workdir", str(workdir),
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    entry = ["-m", "tests.crash", kill_at] if kill_at else ["-m", "rate_tuning.cli"]
+    argv = [sys.executable, *entry, "train", "--config", "synthetic", "--workdir", str(workdir),
             *(["--resume"] if resume else []), *overrides]
     return subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 def kill_plan(seed: int, steps: int, every: int) -> list[str]:
     """4 injected kills at increasing random steps, each at a random phase (``phase:step``, see
-    ``train.KILL_ENV``); 'checkpoint' and 'prune' move to the next checkpoint step."""
+    :mod:`tests.crash`); 'checkpoint' and 'prune' move to the next checkpoint step."""
     rng = random.Random(seed)
     while True:
         points = sorted(rng.sample(range(1, steps - 2 * every - 2), 4))
@@ -114,8 +115,8 @@ def test_killed_at_five_random_steps_and_resumed_ends_bitwise_equal(tmp_path):
         notices += [line for line in err.splitlines() if "warning" in line]
         if kill_at.startswith("metrics"):  # half a record was written: the last line is truncated
             assert not (run_dir / "metrics.jsonl").read_bytes().endswith(b"\n")
-        if kill_at.startswith("checkpoint"):  # killed before the rename: only a staging directory
-            assert ckpt.leftovers(str(run_dir / "checkpoints"))
+        if kill_at.startswith("checkpoint"):  # killed before the seal: the checkpoint does not count
+            assert int(kill_at.split(":")[1]) not in ckpt.list_steps(str(run_dir / "checkpoints"))
 
     # the fifth kill comes from outside, at whatever the process is doing after it reports step k
     k = random.Random(5).randint(int(plan[-1].split(":")[1]) + 1, steps - 2 * every)
@@ -153,15 +154,15 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def _interrupt(monkeypatch, workdir, kill_at: str, resume: bool = False):
-    """Run until ``kill_at`` (``train.KILL_ENV``), where the process would SIGKILL itself; here the kill
-    raises KeyboardInterrupt instead, which unwinds without writing anything more."""
-    def fake_kill(pid, sig):
-        raise KeyboardInterrupt
+def interrupt() -> None:
+    raise KeyboardInterrupt
 
+
+def _interrupt(monkeypatch, workdir, kill_at: str, resume: bool = False):
+    """Run until ``kill_at`` (:mod:`tests.crash`), where a subprocess would SIGKILL itself; here the
+    KeyboardInterrupt raised instead unwinds without writing anything more."""
     with monkeypatch.context() as m:
-        m.setattr(os, "kill", fake_kill)
-        m.setenv(train.KILL_ENV, kill_at)
+        crash.install(kill_at, setattr=m.setattr, die=interrupt)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(tiny_config("steps=12"), str(workdir), verbose=False, resume=resume)
 
@@ -209,12 +210,8 @@ def test_momentum_weight_decay_and_schedule_state_resume_exactly_in_float32(tmp_
     config = tiny_config(*extra)
     train.train_and_evaluate(config, str(tmp_path / "ref"), verbose=False)
 
-    def fake_kill(pid, sig):
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as m:
-        m.setattr(os, "kill", fake_kill)
-        m.setenv(train.KILL_ENV, "step:5")
+        crash.install("step:5", setattr=m.setattr, die=interrupt)
         with pytest.raises(KeyboardInterrupt):
             train.train_and_evaluate(config, str(tmp_path / "run"), verbose=False)
     assert train.train_and_evaluate(config, str(tmp_path / "run"), verbose=False, resume=True)["resumed_from_step"] == 3

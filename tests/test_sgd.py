@@ -7,7 +7,7 @@ import pytest
 
 from proofs_check import claims
 from proofs_check.checks import sgd as S
-from tests.claim_testing import assert_claim_holds, assert_controls_violated, check_curve, curves_of
+from tests.helpers import assert_claim_holds, assert_controls_violated, check_curve, curves_of
 
 CLAIMS = ("C16", "C17", "C18")
 

@@ -1,13 +1,44 @@
-"""Assertions shared by the tests of the claim checks (``tests/test_<family>.py``), on the evidence that the
-``evidence`` fixture of ``conftest.py`` memoises: every claim record holds, every negative control is
-reported violated (clearly, not by a hair), and curves follow the report's convention."""
+"""Helpers shared by the test modules (no test module imports another): tiny models of every architecture
+on a digits batch, and the assertions the claim tests share.
+
+Crash injection for the resume tests lives in :mod:`tests.crash` (it is also a command).
+"""
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from proofs_check.evidence import Evidence
+from rate_tuning import data, models
+
+# Tiny versions of every architecture, on 8x8 digits images.
+TINY = {"mlp": dict(widths=(8, 8)), "convnet": dict(channels=(4, 8)), "vgg": dict(config=(4, "M", 8, "M")),
+        "resnet": dict(stage_channels=(4, 8))}
+
+
+@functools.lru_cache(maxsize=None)
+def digits_batch(n=32):
+    ds = data.digits(seed=0)
+    return np.asarray(ds.x_train[:n]), np.asarray(ds.y_train[:n])
+
+
+def build(arch, preset, bn=None, seed=0):
+    """Model, float64 params and batch stats, and the train-mode loss on a fixed digits batch."""
+    x, y = digits_batch()
+    x = jnp.asarray(x, jnp.float64)
+    model = models.build(arch, preset, bn=bn, num_classes=10, param_dtype=jnp.float64, **TINY[arch])
+    variables = model.init(jax.random.key(seed), x)
+    stats = variables.get("batch_stats", {})
+    loss = lambda p: models.batch_loss(model, p, stats, x, jnp.asarray(y))[0]
+    return model, variables["params"], loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Claims: Assertions shared by the tests of the claim checks (``tests/test_<family>.py``), on the evidence that the
 
 CURVE_KEYS = {"x", "y", "xlabel", "ylabel", "logy"}
 """The keys every curve has (:mod:`proofs_check.report`); ``'logx'`` is the one optional key checks set."""
