@@ -13,12 +13,11 @@ One checkpoint is one directory ``<directory>/step_<8 digits>/`` holding
 Guarantees:
 
 * **Atomic.** orbax (synchronous ``CheckpointManager``) writes into the staging directory
-  ``step_<8 digits>.orbax-checkpoint-tmp-<host>-<pid>``, ``meta.json`` is added, every file is fsync'ed,
-  :func:`seal` writes the
-  manifest, and orbax renames the staging directory to ``step_<8 digits>`` (atomic on POSIX). A process
-  killed before the rename leaves only its staging directory, which is never read (:func:`leftovers`).
+  ``step_<8 digits>.orbax-checkpoint-tmp-<host>-<pid>``; ``meta.json`` is added, every file fsync'ed,
+  :func:`seal` writes the manifest, and orbax renames the staging directory to ``step_<8 digits>``
+  (atomic on POSIX). A process killed before the rename leaves only its staging directory, never read.
 * **Staging belongs to its owner.** A save removes its own staging and deletion directories, and those of
-  processes of this host that no longer exist; never those of a live process.
+  processes of this host that no longer exist (:func:`leftovers`); never those of a live process.
 * **Safe pruning.** :func:`prune` counts only the checkpoints that pass :func:`verify`, up to the new step;
   it keeps the newest ``keep`` (orbax's ``LatestN`` policy) and deletes older ones (renamed ``.del-...``
   first, so a kill never leaves half a ``step_*``). A ``step_*`` that fails :func:`verify` is renamed
@@ -29,7 +28,7 @@ Guarantees:
   report each one skipped through ``warn``, in one line.
 * **One-line errors.** :class:`CheckpointError` (unusable checkpoint) and :class:`CheckpointWriteError`
   (save failed; its staging removed, earlier checkpoints untouched); orbax's logs are silenced while it
-  runs. With several JAX processes, the calling process alone writes.
+  runs. With several JAX processes, process 0 alone saves, and orbax waits for no other process.
 
 Crash-test seams: :func:`save` calls :func:`seal` (everything written and fsync'ed, before the rename) and
 :func:`prune` (after the rename) through this module's namespace, so a test can wrap either with
@@ -57,7 +56,8 @@ import re
 import shutil
 import socket
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 FORMAT_VERSION = 1
 """Version of the checkpoint layout; a checkpoint with another version is refused."""
@@ -71,11 +71,11 @@ MAX_JSON_BYTES = 16 << 20
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax.checkpoint.path.atomicity.TMP_DIR_SUFFIX
 DELETING_PREFIX = ".del-"
-LEGACY_STAGING_PREFIX = ".tmp-"  # staging directories of format 1
+LEGACY_STAGING_PREFIX = ".tmp-"  # staging directories of the earlier, hand-written save
 _ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")  # rewritten/written by orbax at commit
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _OWNED_RE = re.compile(r"^(?:step_\d{8,}" + re.escape(ORBAX_TMP) + r"|\.del-step_\d{8,})-(?P<host>.+)-(?P<pid>\d+)$")
-_LEGACY_RE = re.compile(r"^\.(?:tmp|del)-step_\d{8,}-(?P<pid>\d+)$")  # format 1: this host's
+_LEGACY_RE = re.compile(r"^\.(?:tmp|del)-step_\d{8,}-(?P<pid>\d+)$")  # the earlier save's: this host's
 _CHUNK = 1 << 20
 
 
@@ -112,7 +112,7 @@ def list_steps(directory: str) -> list[int]:
 
 
 def leftovers(directory: str) -> list[str]:
-    """Names of staging (``step_*.orbax-checkpoint-tmp-*``, format 1's ``.tmp-*``) and half-deleted
+    """Names of staging (``step_*.orbax-checkpoint-tmp-*``, and the earlier ``.tmp-*``) and half-deleted
     (``.del-*``) directories: saves or deletions in progress, or traces of a killed process."""
     try:
         names = os.listdir(directory)
@@ -251,9 +251,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _multiprocessing_options():
-    """orbax's options for this process alone: with several JAX processes (multi-host runs write from
-    process 0 only, numpy trees), orbax is told that no other process takes part, so it waits at no
-    cross-process barrier."""
+    """orbax's options for this process alone: with several JAX processes (multi-host runs save from
+    process 0 only), orbax is told that no other process takes part, so it waits at no cross-process
+    barrier."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -264,7 +264,7 @@ def _multiprocessing_options():
                                               barrier_sync_key_prefix=f"rate_tuning_{me}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _staging_class():
     """orbax's atomic-rename staging path with two changes for a step directory (items inside it are
     unchanged): the staging name carries its owner, ``<host>-<pid>`` (orbax's own name is the same in every
@@ -285,11 +285,9 @@ def _staging_class():
             pending = _pending.get(os.fspath(self.get_final())) if _STEP_RE.match(self.get_final().name) else None
             if pending is not None:
                 staging = os.fspath(self.get())
-                _write_json(os.path.join(staging, META_FILE), pending.meta)
+                _write_json(os.path.join(staging, META_FILE), pending)
                 _fsync_tree(staging)
-                if pending.hook is not None:
-                    pending.hook()
-                seal(staging, pending.meta["step"])  # through the module namespace: a crash-test seam
+                seal(staging, pending["step"])  # through the module namespace: a crash-test seam
             await super().finalize()
 
     return OwnedStaging
@@ -304,8 +302,9 @@ def _name_format():
 
 def _manager(directory: str):
     """orbax's ``CheckpointManager`` for ``directory``: synchronous, ``step_<8 digits>`` names, keeps every
-    checkpoint (:func:`prune` deletes), cleans no staging directory (:func:`save` removes only stale ones),
-    writes no root metadata or metrics."""
+    checkpoint (:func:`prune` deletes), creates no directory (:func:`save` does; orbax refuses to with
+    ``active_processes``), removes no staging directory (:func:`save` removes stale ones), writes no root
+    metadata or metrics."""
     import orbax.checkpoint as ocp
 
     mp = _multiprocessing_options()
@@ -314,25 +313,19 @@ def _manager(directory: str):
     registry.add(ARRAYS_DIR, ocp.args.StandardSave, arrays)
     registry.add(ARRAYS_DIR, ocp.args.StandardRestore, arrays)
     options = ocp.CheckpointManagerOptions(
-        step_name_format=_name_format(), enable_async_checkpointing=False, cleanup_tmp_directories=False,
-        save_root_metadata=False, prevent_write_metrics=True, lightweight_initialize=True,
-        multiprocessing_options=mp, temporary_path_class=_staging_class())
+        step_name_format=_name_format(), create=False, enable_async_checkpointing=False,
+        cleanup_tmp_directories=False, save_root_metadata=False, prevent_write_metrics=True,
+        lightweight_initialize=True, multiprocessing_options=mp, temporary_path_class=_staging_class())
     return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
 
 # ------------------------------------------------------------------------------------------------
 # Saving.
 
-@dataclasses.dataclass(frozen=True)
-class _Pending:
-    meta: dict  # the meta.json record
-    hook: Callable[[], None] | None  # save(before_finalize=...), deprecated: until rate_tuning.train drops it
+_pending: dict[str, dict] = {}  # final path -> the meta.json record its staging directory gets
 
 
-_pending: dict[str, _Pending] = {}  # final path -> what the staging directory gets before it is sealed
-
-
-def save(directory: str, step: int, tree, meta: dict, *, keep: int, **legacy) -> str:
+def save(directory: str, step: int, tree, meta: dict, *, keep: int) -> str:
     """Write the checkpoint of ``step`` atomically, then :func:`prune` to the newest ``keep``; its path.
 
     Args:
@@ -342,6 +335,9 @@ def save(directory: str, step: int, tree, meta: dict, *, keep: int, **legacy) ->
       meta: a JSON-serialisable dict (strict JSON: no NaN); ``step`` is added.
       keep: how many verified checkpoints to keep (>= 1), this one included.
 
+    With several JAX processes, call it in process 0 alone (the others raise ``ValueError``): orbax writes
+    numpy arrays from process 0 only, and is told that no other process takes part.
+
     Stale staging directories (this process's, or of processes of this host that are gone) are removed
     first. An existing ``step_<step>`` (a corrupt checkpoint skipped on resume) is renamed
     ``step_<step>.corrupt-<pid>`` (``.replaced-<pid>`` if it verifies), never deleted.
@@ -350,41 +346,45 @@ def save(directory: str, step: int, tree, meta: dict, *, keep: int, **legacy) ->
       CheckpointWriteError: the checkpoint could not be written (one line); its staging directory is
         removed and the earlier checkpoints are untouched.
     """
-    hook = legacy.pop("before_finalize", None)  # deprecated: wrap seal() instead
-    if legacy:
-        raise TypeError(f"save() got unexpected keyword arguments {sorted(legacy)}")
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep!r}")
-    directory = os.path.abspath(directory)  # orbax takes absolute paths only
-    os.makedirs(directory, exist_ok=True)
-    for name in leftovers(directory):
-        if _stale(name):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    name = step_name(step)
-    final = os.path.join(directory, name)
-    if os.path.lexists(final):
-        try:
-            verify(final)
-            _set_aside(directory, name, "replaced")
-        except CheckpointError:
-            _set_aside(directory, name)
-    staging = os.path.join(directory, f"{name}{ORBAX_TMP}-{_owner_tag()}")
+    import jax
     import orbax.checkpoint as ocp
 
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+    if jax.process_index() != 0:
+        raise ValueError(f"checkpoints are saved by JAX process 0 only (orbax writes numpy arrays from process "
+                         f"0 alone); this is process {jax.process_index()} of {jax.process_count()}")
+    directory = os.path.abspath(directory)  # orbax takes absolute paths only
+    name = step_name(step)
+    final = os.path.join(directory, name)
+    staging = os.path.join(directory, f"{name}{ORBAX_TMP}-{_owner_tag()}")
     try:
         record = json.loads(json.dumps({**meta, "step": int(step)}, allow_nan=False))
-        _pending[final] = _Pending(record, hook)
+        os.makedirs(directory, exist_ok=True)
+        for stale in filter(_stale, leftovers(directory)):
+            shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
+        if os.path.lexists(final):
+            try:
+                verify(final)
+                _set_aside(directory, name, "replaced")
+            except CheckpointError:
+                _set_aside(directory, name)
+        _pending[final] = record
         with _quiet_orbax(), _manager(directory) as manager:
             manager.save(int(step), force=True, args=ocp.args.Composite(**{ARRAYS_DIR: ocp.args.StandardSave(tree)}))
         if not os.path.isdir(final):
             raise OSError(f"orbax did not create {name}")
         _fsync(directory)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise ValueError, OSError...: one line, no traceback
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointWriteError(f"could not write checkpoint {name} in {directory}: {_one_line(e)}") from None
     finally:
         _pending.pop(final, None)
-    prune(directory, keep, newest=int(step))  # through the module namespace: a crash-test seam
+    try:
+        prune(directory, keep, newest=int(step))  # through the module namespace: a crash-test seam
+    except OSError as e:
+        raise CheckpointWriteError(f"checkpoint {name} is written, but pruning {directory} failed: "
+                                   f"{_one_line(e)}") from None
     return final
 
 
@@ -516,10 +516,11 @@ def _restore_arrays(path: str, target):
 
     try:
         with _quiet_orbax():
-            checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(), multiprocessing_options=_multiprocessing_options())
+            checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(),
+                                            multiprocessing_options=_multiprocessing_options())
             return checkpointer.restore(os.path.join(os.path.abspath(path), ARRAYS_DIR),
                                         args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, TypeError...: say which, no traceback
+    except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise ValueError, KeyError...: one line
         raise CheckpointError(_one_line(e)) from None
 
 
@@ -603,6 +604,6 @@ def _stderr_warning(message: str) -> None:
     print(f"rate-tuning: warning: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["CheckpointError", "CheckpointWriteError", "FORMAT_VERSION", "Found", "MANIFEST_FILE", "META_FILE",
+__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "META_FILE", "CheckpointError", "CheckpointWriteError", "Found",
            "latest_valid", "leftovers", "list_steps", "prune", "restore", "restore_latest", "save", "seal",
            "step_name", "verify"]

@@ -2,9 +2,13 @@
 fallback, one-line errors. No training here (tests/test_resume.py runs whole runs)."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from typing import NamedTuple
 
 import jax
@@ -12,6 +16,8 @@ import numpy as np
 import pytest
 
 from rate_tuning import checkpoint as ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Opt(NamedTuple):
@@ -67,22 +73,44 @@ def test_keep_last_n_and_no_leftovers(tmp_path, x64):
         ckpt.save(str(tmp_path), 9, tree(), {}, keep=0)
 
 
-def test_an_interrupted_save_leaves_no_checkpoint_and_is_cleaned_up(tmp_path, x64):
+class Killed(BaseException):
+    """Stands for SIGKILL at a crash-test seam (a subprocess test below sends the real one)."""
+
+
+def die_at(monkeypatch, seam: str):
+    """Make ``ckpt.<seam>`` ('seal' or 'prune') raise Killed instead of running."""
+    def die(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(ckpt, seam, die)
+
+
+def test_an_interrupted_save_leaves_no_checkpoint_and_is_cleaned_up(tmp_path, x64, monkeypatch):
     ckpt.save(str(tmp_path), 3, tree(3), {}, keep=2)
-
-    class Killed(BaseException):
-        pass
-
-    def die():
-        raise Killed  # stands for SIGKILL after all files are written, before the rename
-
-    with pytest.raises(Killed):
-        ckpt.save(str(tmp_path), 6, tree(6), {}, keep=2, before_finalize=die)
+    with monkeypatch.context() as m:
+        die_at(m, "seal")  # everything written and fsync'ed, no manifest, not renamed into place
+        with pytest.raises(Killed):
+            ckpt.save(str(tmp_path), 6, tree(6), {}, keep=2)
     assert ckpt.list_steps(str(tmp_path)) == [3]  # the half-made checkpoint is not one
-    assert [n.startswith(".tmp-step_00000006") for n in ckpt.leftovers(str(tmp_path))] == [True]
-    assert ckpt.latest_valid(str(tmp_path)).step == 3
-    ckpt.save(str(tmp_path), 6, tree(6), {}, keep=2)  # the next save removes the leftover
+    [staging] = ckpt.leftovers(str(tmp_path))
+    assert staging.startswith("step_00000006.orbax-checkpoint-tmp-") and staging.endswith(f"-{os.getpid()}")
+    assert ckpt.latest_valid(str(tmp_path), warn=pytest.fail).step == 3
+    ckpt.save(str(tmp_path), 6, tree(6), {}, keep=2)  # its owner (this process) removes the leftover
     assert ckpt.leftovers(str(tmp_path)) == [] and ckpt.list_steps(str(tmp_path)) == [3, 6]
+    assert_same(ckpt.restore(str(tmp_path / "step_00000006"), tree()), tree(6))
+
+
+def test_a_save_interrupted_before_pruning_leaves_the_new_checkpoint_and_the_old_ones(tmp_path, x64, monkeypatch):
+    for step in (1, 2):
+        ckpt.save(str(tmp_path), step, tree(step), {}, keep=2)
+    with monkeypatch.context() as m:
+        die_at(m, "prune")
+        with pytest.raises(Killed):
+            ckpt.save(str(tmp_path), 3, tree(3), {}, keep=1)
+    assert ckpt.list_steps(str(tmp_path)) == [1, 2, 3] and ckpt.leftovers(str(tmp_path)) == []
+    assert ckpt.latest_valid(str(tmp_path), warn=pytest.fail).step == 3  # valid before pruning
+    ckpt.save(str(tmp_path), 4, tree(4), {}, keep=1)
+    assert ckpt.list_steps(str(tmp_path)) == [4]
 
 
 def _largest_array_file(path: str) -> str:
@@ -202,3 +230,158 @@ def test_saving_over_a_corrupt_checkpoint_sets_it_aside(tmp_path, x64):
     assert names[0] == "step_00000004" and names[1].startswith("step_00000004.corrupt-")  # kept, not deleted
     assert_same(ckpt.restore(str(tmp_path / "step_00000004"), tree()), tree(4))
     shutil.rmtree(tmp_path / names[1])
+    ckpt.save(str(tmp_path), 4, tree(5), {}, keep=2)  # over a valid one: set aside as replaced
+    names = sorted(os.listdir(tmp_path))
+    assert names[0] == "step_00000004" and names[1].startswith("step_00000004.replaced-")
+    assert_same(ckpt.restore(str(tmp_path / names[1]), tree()), tree(4))
+
+
+# ------------------------------------------------------------------------------------------------
+# restore_latest, bounded JSON, write errors, processes.
+
+
+def other_model(seed: int = 0) -> dict:
+    """A tree that verifies as a checkpoint but does not fit :func:`tree`'s structure (another model)."""
+    t = tree(seed)
+    t["params"]["layer0"]["kernel"] = np.zeros((5, 4))
+    del t["params"]["bn"]
+    return t
+
+
+def test_restore_latest_falls_back_past_checkpoints_that_do_not_restore(tmp_path, x64):
+    ckpt.save(str(tmp_path), 1, tree(1), {}, keep=5)
+    ckpt.save(str(tmp_path), 2, other_model(2), {}, keep=5)  # verifies, but orbax cannot fit it to tree()
+    ckpt.save(str(tmp_path), 3, tree(3), {}, keep=5)
+    _truncate(str(tmp_path / "step_00000003"))
+    assert ckpt.latest_valid(str(tmp_path), warn=lambda m: None).step == 2  # verification alone stops at 2
+    warnings = []
+    found, restored = ckpt.restore_latest(str(tmp_path), tree(), warn=warnings.append)
+    assert (found.step, found.meta) == (1, {"step": 1}) and found.path == str(tmp_path / "step_00000001")
+    assert_same(restored, tree(1))
+    assert len(warnings) == 2 and all("\n" not in w and w.endswith("falling back to step_00000001") for w in warnings)
+    assert warnings[0].startswith("checkpoint step_00000003 is corrupt (file state/")
+    assert warnings[1].startswith("checkpoint step_00000002 cannot be restored into this model's state (")
+    found, restored = ckpt.restore_latest(str(tmp_path), other_model(), warn=warnings.append)  # the other model
+    assert found.step == 2 and restored["params"]["layer0"]["kernel"].shape == (5, 4)
+
+
+def test_restore_latest_raises_when_none_restores(tmp_path, x64):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in"):
+        ckpt.restore_latest(str(tmp_path), tree())
+    ckpt.save(str(tmp_path), 1, other_model(1), {}, keep=5)
+    ckpt.save(str(tmp_path), 2, tree(2), {}, keep=5)
+    _no_manifest(str(tmp_path / "step_00000002"))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.restore_latest(str(tmp_path), tree(), warn=pytest.fail)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"no valid checkpoint in {tmp_path}: step_00000002: MANIFEST.json is missing; ")
+    assert "step_00000001: cannot be restored into this model's state (" in msg
+
+
+def _rewrite(path, rel: str, data: bytes) -> None:
+    """Replace the file ``rel`` of the checkpoint ``path`` with ``data`` and list it in the manifest, so that
+    only the content itself is wrong."""
+    with open(os.path.join(path, rel), "wb") as f:
+        f.write(data)
+    m = os.path.join(path, ckpt.MANIFEST_FILE)
+    with open(m) as f:
+        manifest = json.load(f)
+    manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with open(m, "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("case", ["manifest", "meta", "huge manifest"])
+def test_deep_or_huge_json_is_a_one_line_error(case, tmp_path, x64):
+    for step in (1, 2):
+        ckpt.save(str(tmp_path), step, tree(step), {}, keep=3)
+    newest = str(tmp_path / "step_00000002")
+    if case == "manifest":
+        with open(os.path.join(newest, ckpt.MANIFEST_FILE), "w") as f:
+            f.write("[" * 100_000)
+        reason = "MANIFEST.json is unreadable (nested too deeply)"
+    elif case == "meta":
+        _rewrite(newest, ckpt.META_FILE, b"[" * 100_000)
+        reason = "meta.json is unreadable (nested too deeply)"
+    else:
+        with open(os.path.join(newest, ckpt.MANIFEST_FILE), "r+b") as f:
+            f.truncate(ckpt.MAX_JSON_BYTES + 1)  # sparse: valid JSON prefix, then zeros
+        reason = "MANIFEST.json is unreadable (larger than 16 MiB)"
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.verify(newest)
+    assert str(e.value) == reason
+    warnings = []
+    assert ckpt.latest_valid(str(tmp_path), warn=warnings.append).step == 1
+    assert warnings == [f"checkpoint step_00000002 is corrupt ({reason}); falling back to step_00000001"]
+
+
+def test_a_disk_full_error_is_a_one_line_write_error_that_removes_the_staging(tmp_path, x64, monkeypatch, capsys):
+    ckpt.save(str(tmp_path), 1, tree(1), {}, keep=1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "seal", full)  # inside orbax's commit, after every array is written
+    with pytest.raises(ckpt.CheckpointWriteError) as e:
+        ckpt.save(str(tmp_path), 2, tree(2), {}, keep=1)
+    assert str(e.value) == (f"could not write checkpoint step_00000002 in {tmp_path}: "
+                            f"OSError: [Errno 28] No space left on device")
+    assert capsys.readouterr().err == ""  # nothing from orbax or asyncio
+    assert ckpt.list_steps(str(tmp_path)) == [1] and ckpt.leftovers(str(tmp_path)) == []
+    assert_same(ckpt.restore(str(tmp_path / "step_00000001"), tree()), tree(1))
+
+
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+import numpy as np
+from rate_tuning import checkpoint as ckpt
+directory = sys.argv[1]
+ckpt.save(directory, 1, {"w": np.ones(4)}, {}, keep=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    ckpt.save(directory, 2, {"w": np.random.default_rng(0).standard_normal(1 << 17)}, {}, keep=1)
+except ckpt.CheckpointWriteError as e:
+    print(f"CheckpointWriteError: {e}")
+"""
+
+
+def test_a_write_that_fails_in_orbax_is_a_one_line_error_and_prints_nothing(tmp_path):
+    """A real write failure inside orbax's tensorstore writer (files limited to 64 KiB, 1 MiB of arrays), in
+    a subprocess: one line, nothing on stderr, no staging left, the earlier checkpoint intact."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"CheckpointWriteError: could not write checkpoint step_00000002 in {tmp_path}: ")
+    assert ckpt.list_steps(str(tmp_path)) == [1] and ckpt.leftovers(str(tmp_path)) == []
+    np.testing.assert_array_equal(ckpt.restore(str(tmp_path / "step_00000001"))["w"], np.ones(4))
+
+
+def test_orbax_names_and_lists_the_steps_as_step_name_does(tmp_path):
+    assert ckpt.step_name(123) == "step_00000123" and ckpt.step_name(123456789) == "step_123456789"
+    assert [ckpt._name_format().build_name(s) for s in (123, 123456789)] == ["step_00000123", "step_123456789"]
+    for name in ("step_00000123", "step_123456789", "step_00000007.corrupt-9", "step_1", ".tmp-step_00000008-1",
+                 "step_00000009.orbax-checkpoint-tmp-h-1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_00000010").write_text("a file")
+    assert ckpt.list_steps(str(tmp_path)) == [123, 123456789]
+    assert ckpt.leftovers(str(tmp_path)) == [".tmp-step_00000008-1", "step_00000009.orbax-checkpoint-tmp-h-1"]
+
+
+def test_with_several_processes_process_0_alone_saves_and_orbax_waits_for_no_other(tmp_path, monkeypatch):
+    """(Real 2-process runs that checkpoint are in tests/test_cli.py.)"""
+    import orbax.checkpoint as ocp
+
+    assert ckpt._multiprocessing_options() == ocp.options.MultiprocessingOptions()
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    monkeypatch.setattr(jax, "process_index", lambda: 2)
+    options = ckpt._multiprocessing_options()
+    assert (options.primary_host, options.active_processes) == (2, {2})
+    assert options.barrier_sync_key_prefix == "rate_tuning_2"
+    with pytest.raises(ValueError, match="saved by JAX process 0 only .* this is process 2 of 4"):
+        ckpt.save(str(tmp_path), 1, tree(1), {}, keep=1)  # orbax would write no array from process 2
+    assert os.listdir(tmp_path) == []
