@@ -23,16 +23,15 @@ Guarantees:
   first, so a kill never leaves half a ``step_*``). A ``step_*`` that fails :func:`verify` is renamed
   ``step_<8 digits>.corrupt-<pid>`` (set aside, never deleted) and counts for nothing.
 * **Verified.** Nothing is handed to orbax before the manifest checks out: every listed file present, of
-  the listed size and SHA-256; JSON files are read with a size limit and any nesting depth is an error,
-  not a crash. :func:`latest_valid` and :func:`restore_latest` walk from the newest checkpoint down and
-  report each one skipped through ``warn``, in one line.
+  the listed size and SHA-256; JSON is read within limits of size and depth (:mod:`rate_tuning.jsonio`).
+  :func:`latest_valid` and :func:`restore_latest` walk from the newest checkpoint down and report each
+  one skipped through ``warn``, in one line.
 * **One-line errors.** :class:`CheckpointError` (unusable checkpoint) and :class:`CheckpointWriteError`
   (save failed; its staging removed, earlier checkpoints untouched); orbax's logs are silenced while it
   runs. With several JAX processes, process 0 alone saves, and orbax waits for no other process.
 
-Crash-test seams: :func:`save` calls :func:`seal` (everything written and fsync'ed, before the rename) and
-:func:`prune` (after the rename) through this module's namespace, so a test can wrap either with
-``monkeypatch.setattr(checkpoint, "seal", ...)`` to crash the save at that point.
+Crash-test seams: :func:`save` calls :func:`seal` (all written and fsync'ed, before the rename) and
+:func:`prune` (after it) through this module's namespace: a test wraps either to crash the save there.
 
 Example::
 
@@ -49,7 +48,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -59,6 +57,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rate_tuning import jsonio
+
 FORMAT_VERSION = 1
 """Version of the checkpoint layout; a checkpoint with another version is refused."""
 
@@ -66,8 +66,6 @@ MANIFEST_FILE = "MANIFEST.json"
 ARRAYS_DIR = "state"
 META_FILE = "meta.json"
 STEP_PREFIX = "step_"
-MAX_JSON_BYTES = 16 << 20
-"""A ``MANIFEST.json`` or ``meta.json`` larger than this is refused unread."""
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax.checkpoint.path.atomicity.TMP_DIR_SUFFIX
 DELETING_PREFIX = ".del-"
@@ -146,13 +144,10 @@ def _files(root: str) -> list[str]:
 
 
 def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0))
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+    except OSError:  # pragma: no cover - some file systems refuse to fsync a directory
         if not os.path.isdir(path):
             raise
     finally:
@@ -166,15 +161,7 @@ def _fsync_tree(root: str) -> None:
         _fsync(dirpath)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _host() -> str:
+def _host() -> str:  # as it appears in staging names
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
 
 
@@ -285,7 +272,7 @@ def _staging_class():
             pending = _pending.get(os.fspath(self.get_final())) if _STEP_RE.match(self.get_final().name) else None
             if pending is not None:
                 staging = os.fspath(self.get())
-                _write_json(os.path.join(staging, META_FILE), pending)
+                jsonio.write_atomic(os.path.join(staging, META_FILE), pending, indent=1)
                 _fsync_tree(staging)
                 seal(staging, pending["step"])  # through the module namespace: a crash-test seam
             await super().finalize()
@@ -332,7 +319,8 @@ def save(directory: str, step: int, tree, meta: dict, *, keep: int) -> str:
       directory: where the checkpoints live (created if missing).
       step: the step number (the directory name; also ``meta['step']``).
       tree: a pytree of arrays (jax or numpy, no Python scalars), saved by orbax.
-      meta: a JSON-serialisable dict (strict JSON: no NaN); ``step`` is added.
+      meta: a JSON-serialisable dict (non-finite numbers become null, :mod:`rate_tuning.jsonio`); ``step``
+        is added.
       keep: how many verified checkpoints to keep (>= 1), this one included.
 
     With several JAX processes, call it in process 0 alone (the others raise ``ValueError``): orbax writes
@@ -359,7 +347,7 @@ def save(directory: str, step: int, tree, meta: dict, *, keep: int) -> str:
     final = os.path.join(directory, name)
     staging = os.path.join(directory, f"{name}{ORBAX_TMP}-{_owner_tag()}")
     try:
-        record = json.loads(json.dumps({**meta, "step": int(step)}, allow_nan=False))
+        record = jsonio.to_json_value({**meta, "step": int(step)})
         os.makedirs(directory, exist_ok=True)
         for stale in filter(_stale, leftovers(directory)):
             shutil.rmtree(os.path.join(directory, stale), ignore_errors=True)
@@ -397,15 +385,9 @@ def seal(staging: str, step: int) -> None:
     for rel in _files(staging):
         path = os.path.join(staging, *rel.split("/"))
         files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
-    _write_json(os.path.join(staging, MANIFEST_FILE), {"format": FORMAT_VERSION, "step": int(step), "files": files})
+    jsonio.write_atomic(os.path.join(staging, MANIFEST_FILE), {"format": FORMAT_VERSION, "step": int(step),
+                                                               "files": files}, indent=1)
     _fsync(staging)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Info:  # orbax's PolicyCheckpointInfo
-    step: int
-    time: datetime.datetime = datetime.datetime.min
-    metrics: dict | None = None
 
 
 def prune(directory: str, keep: int, *, newest: int) -> list[int]:
@@ -418,6 +400,7 @@ def prune(directory: str, keep: int, *, newest: int) -> list[int]:
     valid one of a later step (another history) is left alone.
     """
     from orbax.checkpoint import checkpoint_managers
+    from orbax.checkpoint.checkpoint_manager import CheckpointInfo
 
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep!r}")
@@ -433,7 +416,7 @@ def prune(directory: str, keep: int, *, newest: int) -> list[int]:
             valid.append(step)
     if not valid:
         return []
-    infos = [_Info(step) for step in valid]
+    infos = [CheckpointInfo(step=step, time=datetime.datetime.min, metrics=None) for step in valid]
     preserve = checkpoint_managers.LatestN(n=keep).should_preserve(
         infos, context=checkpoint_managers.PreservationContext())
     doomed = [info.step for info, kept in zip(infos, preserve) if not kept and info.step != valid[-1]]
@@ -447,23 +430,16 @@ def prune(directory: str, keep: int, *, newest: int) -> list[int]:
 
 
 def _read_json(path: str, what: str) -> dict:
-    """The JSON object in ``path``; :class:`CheckpointError` (naming ``what``) if it is missing, larger than
-    :data:`MAX_JSON_BYTES`, not JSON, nested too deeply for the parser, or not an object."""
+    """The JSON object in ``path`` (read by :func:`rate_tuning.jsonio.load`: at most 16 MiB and 64 levels
+    deep); :class:`CheckpointError` naming ``what`` if it is missing, unreadable or not an object."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        obj = jsonio.load(path, what="it")
     except FileNotFoundError:
         raise CheckpointError(f"{what} is missing") from None
     except OSError as e:
         raise CheckpointError(f"{what} is unreadable ({_one_line(e)})") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise CheckpointError(f"{what} is unreadable (larger than {MAX_JSON_BYTES >> 20} MiB)")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise CheckpointError(f"{what} is unreadable (nested too deeply)") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{what} is unreadable ({type(e).__name__}: {e})") from None
+    except jsonio.JSONInputError as e:
+        raise CheckpointError(f"{what} is unreadable ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} is not a JSON object")
     return obj

@@ -300,14 +300,14 @@ def test_deep_or_huge_json_is_a_one_line_error(case, tmp_path, x64):
     if case == "manifest":
         with open(os.path.join(newest, ckpt.MANIFEST_FILE), "w") as f:
             f.write("[" * 100_000)
-        reason = "MANIFEST.json is unreadable (nested too deeply)"
+        reason = "MANIFEST.json is unreadable (it is nested deeper than 64 levels)"
     elif case == "meta":
         _rewrite(newest, ckpt.META_FILE, b"[" * 100_000)
-        reason = "meta.json is unreadable (nested too deeply)"
+        reason = "meta.json is unreadable (it is nested deeper than 64 levels)"
     else:
         with open(os.path.join(newest, ckpt.MANIFEST_FILE), "r+b") as f:
-            f.truncate(ckpt.MAX_JSON_BYTES + 1)  # sparse: valid JSON prefix, then zeros
-        reason = "MANIFEST.json is unreadable (larger than 16 MiB)"
+            f.truncate((16 << 20) + 1)  # sparse: a JSON prefix, then zeros
+        reason = "MANIFEST.json is unreadable (it is larger than 16777216 bytes)"
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.verify(newest)
     assert str(e.value) == reason
