@@ -2,13 +2,18 @@
 
 Usage::
 
-    python -m proofs_check [--quick] [--claims C1,C4] [--out DIR] [--list]
+    python -m proofs_check [--quick] [--claims C1,C4] [--out DIR] [--list] [--faults]
 
 Runs the claims (all of them by default) with their full settings, or their quick ones with ``--quick``;
 prints one line per claim as it finishes (id, verdict, records, negative controls confirmed, seconds);
 writes ``report.md``, ``evidence.json``, ``curves.json`` and ``plots/`` into ``DIR`` (default ``report/``)
 and prints where. Exit status: 0 if every claim passes and every negative control is violated, 1
 otherwise, 2 on a usage error (e.g. an unknown claim id: nothing is run or written).
+
+``--faults`` runs each selected claim under every fault it names (:mod:`proofs_check.faults`, one
+subprocess per fault) instead, prints one line per fault and writes the kill matrix (``faults.md``,
+``faults.json``) into ``DIR``; the next report there includes it. Exit status 0 when every claim fails under
+each of its faults and every claim names one.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", metavar="IDS", help="comma-separated claim ids, e.g. C1,C4 (default: all)")
     p.add_argument("--out", metavar="DIR", default="report", help="report directory (default: report/)")
     p.add_argument("--list", action="store_true", help="list the claims and exit")
+    p.add_argument("--faults", action="store_true",
+                   help="run each claim under the faults it names (proofs_check.faults) and write the kill matrix")
     return p
 
 
@@ -64,6 +71,26 @@ def _line(result, error) -> str:
             f"{confirmed}/{len(controls)} controls confirmed  {result.seconds:7.1f} s")
 
 
+def _run_faults(ids: list[str], args, argv) -> int:
+    """``--faults``: the kill matrix of the selected claims (one subprocess per fault), written to DIR."""
+    from proofs_check import faults as F
+    command = " ".join(["python -m proofs_check", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    result = F.run_matrix(ids, quick=args.quick, progress=lambda line: print(line, flush=True))
+    try:
+        path = R.write_fault_report(result, args.out, command=command)
+    except OSError as exc:
+        return _error(f"could not write the kill matrix to {args.out}: {exc}")
+    ok = F.matrix_ok(result)
+    missed = [f"{c} x {name}" for name, f in result["faults"].items() for c, cell in f["claims"].items()
+              if cell["verdict"] == F.MISSED]
+    for c in result["unnamed"]:
+        print(f"{c:<5} names no fault: its check cannot be shown to catch an error in the code", flush=True)
+    print(f"{'PASS' if ok else 'FAIL'}: {len(result['faults'])} faults, "
+          f"{sum(len(f['claims']) for f in result['faults'].values())} cells, {len(missed)} missed"
+          + (f" ({', '.join(missed)})" if missed else "") + f"; {result['seconds']:.0f} s; kill matrix in {path}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     registry = C.load_all()
@@ -74,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = _select(args.claims, registry)
     if isinstance(ids, str):
         return _error(ids)
+    if args.faults:
+        return _run_faults(ids, args, argv)
     start = time.perf_counter()
     results, errors = [], {}
     for cid in ids:

@@ -56,6 +56,9 @@ EVIDENCE = "evidence.json"
 CURVES = "curves.json"
 PLOTS = "plots"
 
+FAULTS_JSON = "faults.json"
+FAULTS_MD = "faults.md"
+
 CONTROL_CONFIRMED = "violated as required"
 CONTROL_BROKEN = "NOT violated (broken check)"
 
@@ -302,6 +305,19 @@ def _markdown(results, errors, plots, plot_errors, env, meta) -> str:
                      "PASS" if claim_ok(r, err) else ("ERROR" if err else "FAIL")])
     lines += _table(["id", "paper location", "statement", "records", "controls confirmed", "seconds", "verdict"],
                     rows)
+    lines += ["", "## Coverage", "", "The paper's lemmas, theorems and proof steps against the claims that check "
+              "them (from the registry, `proofs_check.claims.COVERAGE`):", "", *coverage_lines(results)]
+    lines += ["", "## Faults", "", "Each claim names faults (deliberate errors in the code under test or in the "
+              "theory's inputs, `proofs_check.faults`) under which it must fail; `python -m proofs_check --faults` "
+              "runs them.", ""]
+    from proofs_check import faults as F
+    lines += _table(["claim", "faults it must catch"],
+                    [[r.claim.id, ", ".join(f.name for f in F.faults_of(r.claim.id)) or "**none**"] for r in results])
+    if meta.get("faults"):
+        lines += ["", "### Kill matrix (latest `--faults` run in this directory)", "",
+                  *fault_matrix_lines(meta["faults"])]
+    else:
+        lines += ["", "No kill matrix in this directory yet (run `python -m proofs_check --faults`)."]
     for r in results:
         c, err = r.claim, errors.get(r.claim.id)
         verdict = "PASS" if claim_ok(r, err) else ("ERROR" if err else "FAIL")
@@ -351,6 +367,83 @@ def _markdown(results, errors, plots, plot_errors, env, meta) -> str:
                           [[r.claim.id, "PASS" if claim_ok(r, errors.get(r.claim.id)) else "FAIL", _fmt(r.seconds)]
                            for r in results] + [["total", s["verdict"], _fmt(s["seconds"])]]), ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# faults (the kill matrix) and coverage
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fault_matrix_lines(result: Mapping[str, Any]) -> list[str]:
+    """Markdown of a kill matrix (:func:`proofs_check.faults.run_matrix`): one row per fault with the claims
+    that must catch it and what each did, then the claim x fault grid."""
+    faults = result.get("faults", {})
+    n_cells = sum(len(f["claims"]) for f in faults.values())
+    missed = [(c, n) for n, f in faults.items() for c, cell in f["claims"].items() if cell["verdict"] == "MISSED"]
+    lines = [f"{len(faults)} faults, {n_cells} (claim, fault) cells, {len(missed)} missed"
+             + (f": {', '.join(f'{c} x {n}' for c, n in missed)}" if missed else "")
+             + f"; {'quick' if result.get('quick') else 'full'} settings, {_fmt(result.get('seconds'))} s.", ""]
+    if result.get("command"):
+        lines += [f"Command: `{result['command']}`; generated {result.get('generated_utc', '?')}.", ""]
+    if result.get("unnamed"):
+        lines += [f"Claims naming no fault: {', '.join(result['unnamed'])}.", ""]
+    rows = []
+    for k, (name, f) in enumerate(faults.items(), 1):
+        cells = "; ".join(f"{c}: {cell['verdict']}" + (f" ({_cell(cell['failing'][0])[:160]})"
+                                                      if cell.get("failing") else "")
+                          for c, cell in f["claims"].items())
+        rows.append([f"F{k}", name, f["kind"], f["target"], f["description"], cells])
+    lines += _table(["#", "fault", "kind", "patched", "what is wrong", "claims: verdict (first failing record)"],
+                    rows)
+    claims = sorted({c for f in faults.values() for c in f["claims"]},
+                    key=lambda c: (c[0] != "C", c[0], int(re.sub(r"\D", "", c) or 0)))
+    if claims:
+        mark = {"caught": "x", "caught (error)": "E", "MISSED": "**MISSED**"}
+        grid = [[c] + [mark.get(f["claims"][c]["verdict"], "?") if c in f["claims"] else ""
+                       for f in faults.values()] for c in claims]
+        lines += ["", "Grid (x: the claim fails under the fault, as it must; E: its check raised; blank: the claim "
+                      "does not name the fault):", ""]
+        lines += _table(["claim"] + [f"F{k}" for k in range(1, len(faults) + 1)], grid)
+    return lines
+
+
+def write_fault_report(result: Mapping[str, Any], out_dir: str | os.PathLike, *,
+                       command: str | None = None) -> Path:
+    """Write ``faults.json`` and ``faults.md`` (the kill matrix) into ``out_dir``; returns the ``.md`` path."""
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(result, command=command, schema=SCHEMA_VERSION,
+                generated_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    for name, text in ((FAULTS_JSON, jsonio.dumps(data, indent=1) + "\n"),
+                       (FAULTS_MD, "\n".join(["# proofs_check kill matrix", "",
+                                               "Each claim is run under every fault it names (a deliberate error "
+                                               "in the code under test or in the theory's inputs, patched at run "
+                                               "time in a fresh process); it must fail.", "",
+                                               *fault_matrix_lines(data), ""]))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out / name)
+    return out / FAULTS_MD
+
+
+def _load_faults(out: Path) -> dict | None:
+    try:
+        return jsonio.loads((out / FAULTS_JSON).read_text()) if (out / FAULTS_JSON).exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def coverage_lines(results: Sequence[ClaimResult]) -> list[str]:
+    """The coverage table (:data:`proofs_check.claims.COVERAGE`): each lemma/theorem of the paper against the
+    claim ids that check it, and the items not checked with the reason; ids not run here are marked."""
+    from proofs_check.claims import COVERAGE, REGISTRY
+    ran = {r.claim.id for r in results}
+    rows = []
+    for item, ids, note in COVERAGE:
+        shown = [i if i in ran else (f"{i} (not run)" if i in REGISTRY else f"{i} (not registered)") for i in ids]
+        rows.append([item, ", ".join(shown) if ids else "**not checked**", note])
+    return _table(["paper item", "claims", "how / why not"], rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,7 +542,8 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | os.PathLike, *, 
         raise NotADirectoryError(f"{out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"generated_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "mode": "quick" if quick else "full", "command": command, "wall_seconds": wall_seconds}
+            "mode": "quick" if quick else "full", "command": command, "wall_seconds": wall_seconds,
+            "faults": _load_faults(out)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         umask = os.umask(0)

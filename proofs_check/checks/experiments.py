@@ -151,7 +151,7 @@ def bn_mlp(preset: str, dataset: str, n: int, pool: int, width: int, batch: int,
 
     bn = "exact (epsilon=0), train mode" if preset != "no_bn" else "none"
     mdesc = f"MLP {x.shape[1]}-{width}-10 ({preset} preset, BN {bn})"
-    return types.SimpleNamespace(loss_fn=prob.loss_fn, init_fn=init_fn, labels=labels,
+    return types.SimpleNamespace(loss_fn=prob.loss_fn, init_fn=init_fn, labels=labels, first_batch=(xb[0], yb[0]),
                                  batch_fn=sweep.minibatch_fn(x, y, batch, seeds=seeds, steps=steps),
                                  train_loss=train_loss, batches_per_epoch=nb, n=len(x), dataset=desc, model=mdesc)
 
@@ -182,9 +182,94 @@ def mlp_sweep(preset: str, project: bool, dataset: str, n: int, pool: int, width
     epochs = steps // nb
     ep = res.loss[:, : epochs * nb].reshape(len(g.lr_w), epochs, nb).mean(axis=2)
     shape = (len(lr_w), len(seeds))
-    return {"ratio": ratio.reshape(shape), "initial": initial.reshape(shape), "final": final.reshape(shape),
+    # Lemma 2.4 summed over the run, per SI group: ||w_T||^2 - ||w_0||^2 against lr_w^2 sum_t ||g_t||^2, with
+    # ||g_t||^2 = (||grad_w F_t(V_t)||^2 recorded) / ||w_t||^2 and ||w_T||^2 from the raw final parameters
+    final_sq = _raw_sq(res.final_params, m.labels)
+    growth = {}
+    for k in res.w_sq:
+        w_sq = np.asarray(res.w_sq[k], np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a diverged run: NaN, never compared
+            g_sq = np.asarray(res.grad_sq_intrinsic_groups[k], np.float64) / w_sq
+        lr = np.asarray(g.lr_w, np.float64)[:, None]
+        growth[k] = {"measured": final_sq[k] - w_sq[:, 0], "predicted": np.sum(lr**2 * g_sq, axis=1),
+                     "final": final_sq[k], "size": sum(int(np.size(leaf)) // len(g.lr_w) for _, leaf, lab in
+                                                       G.flatten_labelled(res.final_params, m.labels)
+                                                       if lab.kind == G.SI and lab.group == k)}
+    return {"growth": growth,
+            "ratio": ratio.reshape(shape), "initial": initial.reshape(shape), "final": final.reshape(shape),
             "diverged": res.diverged.reshape(shape), "epoch_loss": ep.reshape(shape + (epochs,)),
             "dataset": m.dataset, "model": m.model, "n": m.n, "strategy": res.strategy}
+
+
+def _raw_sq(stacked, labels) -> dict[str, np.ndarray]:
+    """``||w^(i)||^2`` per SI group of stacked params (leading run axis), numpy float64."""
+    out: dict[str, np.ndarray] = {}
+    for _, leaf, lab in G.flatten_labelled(stacked, labels):
+        if lab.kind == G.SI:
+            x = np.asarray(leaf, np.float64)
+            out[lab.group] = out.get(lab.group, 0.0) + np.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
+    return out
+
+
+def growth_records(claim_id: str, run: dict, s: dict, setting: str) -> list[Evidence]:
+    """The swept ``lr_w`` reached the scale-invariant parameters: per ``lr_w`` (worst group and seed), the
+    summed Lemma 2.4, ``(||w_T||^2 - ||w_0||^2) / (lr_w^2 sum_t ||g_t||^2) == 1``.
+
+    Tolerance: each step's identity holds to ``tol_norm_identity(n) ||w_{t+1}||^2`` (float32, ``n`` the group
+    size; C4's derivation), norms only grow, so the sum is within ``T tol ||w_T||^2``: relative to the
+    prediction, ``T tol ||w_T||^2 / predicted``. Records only where that is below 1/2 (where the growth is
+    large enough to be measured in float32), at least the largest ``lr_w``.
+    """
+    from proofs_check.numerics import tol_norm_identity
+    lrs = tuple(s["lr_w"])
+    n_seeds = len(s["seeds"])
+    out = []
+    for i, lr in enumerate(lrs):
+        worst = None
+        for k, gr in run["growth"].items():
+            for j in range(n_seeds):
+                r = i * n_seeds + j
+                n = max(int(gr["size"]), 1)
+                tol = s["steps"] * tol_norm_identity(n, "float32") * gr["final"][r] / max(gr["predicted"][r], 1e-300)
+                ratio = gr["measured"][r] / gr["predicted"][r] if gr["predicted"][r] > 0 else math.inf
+                cand = (abs(ratio - 1) / tol if tol > 0 else math.inf, ratio, tol, k, j)
+                if worst is None or not cand[0] <= worst[0]:
+                    worst = cand
+        if worst[2] < 0.5 or i == len(lrs) - 1:
+            out.append(Evidence(claim_id, f"{setting}, lr_w={lr:g}: (||w_T||^2 - ||w_0||^2) / (lr_w^2 sum_t "
+                                          f"||g_t||^2) per SI group (Lemma 2.4 summed: lr_w reached the SI params)",
+                                worst[1], 1.0, "==", worst[2], "float32", "exact",
+                                details={"group": worst[3], "seed_index": worst[4],
+                                         "tolerance_formula": "T tol_norm_identity(n, float32) ||w_T||^2 / predicted"}))
+    return out
+
+
+def label_records(claim_id: str, preset: str, s: dict) -> list[Evidence]:
+    """:func:`rate_tuning.groups.verify_labels` accepts the preset's labels on the first mini-batch (float64,
+    its own tolerance sqrt(eps)) and rejects a tree with the last BN's (gamma, beta) labelled 'si' (the
+    control). Measured: the number of label errors (exact)."""
+    m = bn_mlp(preset, s["dataset"], s["n"], s["pool"], s["width"], s["batch"], tuple(s["seeds"]), s["steps"])
+    out = []
+    with x64():
+        p = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64),
+                                   jax.device_get(jax.jit(m.init_fn)(jax.random.key(0))))
+        xb, yb = jnp.asarray(np.asarray(m.first_batch[0]), jnp.float64), jnp.asarray(np.asarray(m.first_batch[1]))
+        loss = lambda q: m.loss_fn(q, (xb, yb))  # noqa: E731
+        wrong = jax.tree_util.tree_map_with_path(
+            lambda path, lab: G.si("bn_out:affine") if G.path_str(path).startswith("bn_out/") else lab,
+            m.labels, is_leaf=G.is_label)
+        for labels, control in ((m.labels, None), (wrong, "the labels: bn_out's (gamma, beta) labelled 'si'")):
+            try:
+                G.verify_labels(loss, p, labels)
+                n, msg = 0, ""
+            except G.LabelError as exc:
+                n, msg = 1, str(exc)[:300]
+            what = "the preset's labels" if control is None else "bn_out's (gamma, beta) labelled 'si'"
+            out.append(Evidence(claim_id, f"{m.model} on {m.dataset}, first mini-batch, float64: "
+                                          f"rate_tuning.groups.verify_labels on {what} (label errors)", float(n), 0.0,
+                                "<=", 0.0, "float64", "exact", negative_control=control is not None,
+                                details={"message": msg, **({"breaks": control} if control else {})}))
+    return out
 
 
 def tol_ratio(n: int) -> float:
@@ -236,7 +321,8 @@ def _run(s: dict, preset: str, project: bool) -> dict:
     hypotheses="scale-invariant kernels and inner (gamma, beta) (exact train-mode BN, paper preset), plain SGD, "
                "no weight decay or momentum; the last BN's (gamma, beta) on a fixed small lr_g",
     negative_controls=("normalisation: the no_bn MLP (biases, no BN) with every kernel on the same lr_w grid "
-                       "diverges at large lr_w",),
+                       "diverges at large lr_w",
+                       "the labels: verify_labels must reject the last BN's (gamma, beta) labelled 'si'"),
     quick=_QUICK,
     full=_FULL,
 )
@@ -274,6 +360,8 @@ def check_c22(settings: dict) -> list[Evidence]:
                                  "dataset": paper["dataset"], "strategy": paper["strategy"], "curves": curves,
                                  "tolerance_formula": "a count (exact); each run's ratio compared with 1/2 + "
                                                       "tol_ratio"}))
+    out += growth_records("C22", paper, s, _setting(paper, "SGD", s))
+    out += label_records("C22", "paper", s)
     bad = [lrs[i] for i in range(len(lrs)) if not np.all(no_bn["ratio"][i] <= FRACTION + tol)]
     out.append(Evidence("C22", _setting(no_bn, f"SGD, every kernel on lr_w in {list(lrs)}", s) + ": " + count,
                         float(not_training(no_bn, tol)), 0.0, "<=", 0.0, "float32", "none", negative_control=True,

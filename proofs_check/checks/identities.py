@@ -406,7 +406,8 @@ def _net(arch: str, preset: str, bn: str | None, arch_kwargs: tuple, batch: int,
         name += ", eval-mode BN"
         bn_kind = "eval-mode"
     return types.SimpleNamespace(model=model, params=params, name=name, bn=bn_kind, batch=batch, vg=vg,
-                                 n_vg=n_vg, compiled=compiled, cache={})
+                                 n_vg=n_vg, compiled=compiled, cache={},
+                                 loss=lambda p: fns.fns["vg"](p, 0.0, *data)[0][0])
 
 
 def _evaluate(net, params=None, lam: float = 0.0):
@@ -977,7 +978,33 @@ _C20_CONTROLS = (
     "the last BN's (gamma, beta) (bn_out)",
     "inner (gamma, beta) with softplus (smoothed preset)",
     "ResNet: one block's bn2 alone, without the rest of its residual_stream group",
+    "rate_tuning.groups.verify_labels on a label tree with the last BN's (gamma, beta) labelled 'si'",
 )
+
+
+def label_errors(net, labels) -> tuple[int, str]:
+    """``(1, message)`` when :func:`rate_tuning.groups.verify_labels` rejects ``labels`` on the net's batch,
+    ``(0, '')`` when it accepts them."""
+    try:
+        G.verify_labels(net.loss, net.params, labels)
+    except G.LabelError as exc:
+        return 1, str(exc)[:300]
+    return 0, ""
+
+
+def verify_label_records(claim_id: str, net, labels, base: str, control: str, grouping: str = "layer") -> list:
+    """The preset's labels pass :func:`rate_tuning.groups.verify_labels` (label errors <= 0), and a tree with
+    the last BN's ``(gamma, beta)`` labelled ``'si'`` is rejected (the control: errors > 0). Exact counts:
+    tolerance 0 (verify_labels' own tolerance is sqrt(eps), far below a non-invariant group's 1e-4..1)."""
+    n, msg = label_errors(net, labels)
+    out = [_ev(claim_id, f"{base}: rate_tuning.groups.verify_labels on the preset's {grouping} labels (label errors)",
+               n, 0.0, bn=net.bn, message=msg)]
+    wrong = _relabel(labels, net.params, {p: G.si("bn_out:affine") for p, _, _ in
+                                          G.flatten_labelled(net.params, labels) if p.startswith("bn_out/")})
+    n, msg = label_errors(net, wrong)
+    out.append(_ev(claim_id, f"{base}: verify_labels with bn_out's (gamma, beta) labelled 'si' (label errors)", n, 0.0,
+                   bn=net.bn, control=control, message=msg))
+    return out
 
 
 @claim(
@@ -1020,6 +1047,8 @@ def check_c20(settings: dict) -> list[Evidence]:
                               _worst(cos[g] for g in affine if g in cos), tol_c, bn=net.bn, op_count=net.n_vg,
                               per_group={g: cos.get(g) for g in affine}))
                 change, per_c = _loss_change(net, _affine_as_group(labels, net.params, "bn_out"), ["bn_out"], cs)
+                if arch == "mlp":
+                    ev += verify_label_records("C20", net, labels, base, _C20_CONTROLS[3])
                 ev.append(_ev("C20", f"{base}: last BN (bn_out) (gamma, beta), loss change, c in {cs}; control: "
                               "no BN after it", change, tol_l, bn=net.bn, control=_C20_CONTROLS[0], op_count=net.n_vg,
                               change_per_c=per_c))
@@ -1055,6 +1084,25 @@ def _channel_factors(params, labels, seed: int, span: float) -> dict[str, np.nda
     rng = np.random.default_rng(seed)
     return {k: np.exp(rng.uniform(-math.log(span), math.log(span), size=np.shape(v)))
             for k, v in _group_dot(params, params, labels).items() if np.ndim(v) == 1}
+
+
+def _per_channel_norm_record(net, labels, base: str) -> Evidence:
+    """The library's per-channel reductions (:func:`rate_tuning.groups.group_sq_norms`, used by the optimizer's
+    projection, the record and the metrics) against the per-channel squared norms computed here in numpy
+    (:func:`_group_dot`): worst relative difference; a group reduced to another shape counts as inf.
+    Tolerance ``2 gamma_n`` (two sums of ``n`` squares, ``n`` the largest channel)."""
+    lib = {k: np.asarray(v, np.float64) for k, v in G.group_sq_norms(net.params, labels).items()}
+    mine = _group_dot(net.params, net.params, labels)
+    worst = 0.0
+    for k, v in mine.items():
+        if k not in lib or lib[k].shape != np.shape(v):
+            worst = math.inf
+            break
+        worst = max(worst, float(np.max(np.abs(lib[k] - v) / v)))
+    n_max = max(math.prod(np.shape(leaf)[:-1]) for _, leaf, lab in G.flatten_labelled(net.params, labels)
+                if lab.per_channel)
+    return _ev("C21", f"{base}: rate_tuning.groups.group_sq_norms per channel vs numpy (worst relative difference)",
+               worst, 2 * n_max * EPS, bn=net.bn, channels={k: int(np.size(v)) for k, v in mine.items()})
 
 
 def _per_channel_growth(net, labels, lam: float = 0.0) -> tuple[float, float]:
@@ -1139,6 +1187,7 @@ def check_c21(settings: dict) -> list[Evidence]:
                 n_max = max(math.prod(np.shape(leaf)[:-1]) for _, leaf, lab in
                             G.flatten_labelled(net.params, labels) if lab.per_channel)
                 tol = EPS * (n_max + 2) + EPS * net.n_vg
+                ev.append(_per_channel_norm_record(net, labels, base))
                 res, lr = _per_channel_growth(net, labels)
                 ev.append(_ev("C21", f"{base}: one two-rate SGD step (lr_w = {lr:.3g}), per channel "
                               "| ||w'||^2 - ||w||^2 - lr^2 ||g||^2 | / (||w'||^2 + ||w||^2 + lr^2 ||g||^2)", res, tol,
