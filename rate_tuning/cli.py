@@ -22,7 +22,10 @@ Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one
   corrupt ``metrics.jsonl``. Nothing already saved is changed.
 * 3: the run diverged (a non-finite loss, gradient or parameter): the message names the step and the
   parameter groups; the metrics up to that step and the checkpoints before it are kept.
-* 130: interrupted (Ctrl-C); resume it with ``--resume``.
+* 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM, at any moment: one line, saying whether there is
+  something to continue with ``--resume``. The process ends at once (no Python clean-up, where a signal
+  in XLA's threads could crash it); what was saved is complete (checkpoints are atomic, metrics lines are
+  flushed one by one, and the run directory's lock dies with the process).
 
 Several processes (multi-host, ``jax.distributed``): start the same command in every process, with
 ``--coordinator`` (process 0's ``host:port``), ``--num-processes`` and each its own ``--process-id``. The
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -45,6 +49,7 @@ EXIT_OS_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +61,49 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    text = " ".join(str(message).split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"{PROG}: error: {text}", file=sys.stderr)
     return code
+
+
+class _Signals:
+    """The one signal policy: SIGINT and SIGTERM, at any moment, end the process at once with one line and
+    exit status 130 / 143 (:func:`main` installs it first thing and restores the old handlers on return)."""
+
+    def __init__(self):
+        self.workdir: str | None = None
+        self.old = {}
+
+    def install(self) -> "_Signals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.old[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def hint(self) -> str:
+        workdir = self.workdir
+        if not workdir:
+            return "nothing was saved"
+        try:
+            if os.path.exists(os.path.join(workdir, "summary.json")):
+                return f"the run in {workdir} had completed"
+            names = os.listdir(os.path.join(workdir, "checkpoints"))
+        except OSError:
+            names = []
+        if any(n.startswith("step_") and n[5:].isdigit() for n in names):
+            return f"continue with --resume --workdir {workdir}"
+        return "nothing was saved"
+
+    def handle(self, signum, frame) -> None:
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        line = f"{PROG}: {what} ({self.hint()})\n".encode("utf-8", "backslashreplace")
+        try:
+            os.write(2, line)
+        finally:
+            os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3 or 130)."""
+    """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3, 130 or 143)."""
+    signals = _Signals().install()
+    try:
+        return _main(argv, signals)
+    finally:
+        signals.restore()
+
+
+def _main(argv: list[str] | None, signals: _Signals) -> int:
     try:
         args, extra = build_parser().parse_known_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (already printed)
@@ -111,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.devices is not None:
-        if args.devices < 1:
-            return _fail(f"--devices must be a positive integer, got {args.devices}")
+        from rate_tuning import parallel
+
+        try:  # before JAX creates a single device: --devices 100000 would allocate them all
+            parallel.check_device_count(args.devices, processes=1)
+        except ValueError as e:
+            return _fail(f"--{e}")
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.devices)  # before JAX's first computation
@@ -132,19 +190,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.resume and not args.workdir:
         return _fail("--resume needs --workdir, the directory of the run to continue")
+    if args.workdir is not None and not args.workdir.strip():
+        return _fail("--workdir must be a non-empty path")
     try:
         config = configs.override(configs.get(args.config), args.overrides)
         workdir = args.workdir or os.path.join("runs", f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
+        signals.workdir = workdir
         train.train_and_evaluate(config, workdir, verbose=not args.quiet, resume=args.resume, devices=args.devices)
     except ValueError as e:  # ConfigError, DataError, LabelError, CheckpointError and the library's ValueErrors
         return _fail(str(e) or type(e).__name__)
+    except (MemoryError, OverflowError) as e:  # a size no check foresaw: still bad input, still one line
+        return _fail(f"the run does not fit: {type(e).__name__}: {e}")
+    except RecursionError:
+        return _fail("an input is nested too deeply")
     except steps.DivergenceError as e:
         return _fail(str(e), EXIT_DIVERGED)
     except OSError as e:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return _fail(f"{e.strerror or e}{where}", EXIT_OS_ERROR)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # raised by a handler other than ours (e.g. a caller's): same line
+        print(f"{PROG}: interrupted ({signals.hint()})", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

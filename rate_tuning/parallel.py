@@ -89,6 +89,29 @@ def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+MAX_VIRTUAL_CPU_DEVICES = 256
+"""Most virtual CPU devices ``--devices`` may ask for (each costs memory and a thread pool; XLA's CPU
+client grows without bound otherwise)."""
+
+
+def check_device_count(devices: int | None, processes: int | None = None) -> int:
+    """The number of devices a run uses: ``devices`` (single process; 1 when None), or every device of every
+    process (several processes; ``devices`` must be None). :class:`ParallelError` (a ``ValueError``, one
+    line) for anything else. With ``processes`` given (the CLI, before JAX's backend exists) no device is
+    created."""
+    processes = jax.process_count() if processes is None else processes
+    if devices is None:
+        return jax.device_count() if processes > 1 else 1
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
+        raise ParallelError(f"devices must be a positive integer, got {devices!r}")
+    if processes > 1:
+        raise ParallelError(f"devices must be None with {processes} processes (the mesh spans all devices of "
+                            f"all of them)")
+    if devices > MAX_VIRTUAL_CPU_DEVICES:
+        raise ParallelError(f"devices={devices} is more than the {MAX_VIRTUAL_CPU_DEVICES} a run may use")
+    return int(devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split along ``'data'``, every other axis whole."""
     return NamedSharding(mesh, P(DATA_AXIS))

@@ -24,10 +24,19 @@ checkpoint's config and the one given.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import platform
 import sys
-from typing import Callable
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import numpy as np
+import optax
 
 from rate_tuning import checkpoint as ckpt
 from rate_tuning import jsonio
@@ -36,6 +45,7 @@ from rate_tuning.configs import Config, ConfigError
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 RESUMABLE_CONFIG_KEYS = ("checkpoint_every", "keep_checkpoints")
 """Config fields that do not change the results and may differ between a checkpoint and its resumption."""
@@ -160,6 +170,32 @@ def rewind_metrics(path: str, step: int, warn: Callable[[str], None]) -> list[di
     return [r for _, r in kept]
 
 
+def expected_records(config: Config, upto: int) -> tuple[set[int], set[int]]:
+    """``(train steps, test steps)`` whose records a run of ``config`` has written before step ``upto``."""
+    train = {t for t in range(min(upto, config.steps)) if t % config.log_every == 0 or t == config.steps - 1}
+    test = (set(range(config.eval_every, min(upto, config.steps), config.eval_every)) if config.eval_every
+            else set())
+    return train, test
+
+
+def check_metrics_match(path: str, config: Config, step: int) -> None:
+    """:class:`MetricsError` unless ``path`` holds every record a run of ``config`` wrote before ``step``
+    (what a resumption from checkpoint ``step`` keeps): a missing or shortened stream cannot be continued
+    into the stream of an uninterrupted run."""
+    if step == 0:
+        return
+    if not os.path.exists(path):
+        raise MetricsError(f"cannot resume from step {step}: {path} is missing (it held the records of steps "
+                           f"0..{step - 1})")
+    records, _ = _scan_metrics(path)
+    seen = {(r["step"], r.get("split")) for _, r in records if r["step"] < step}
+    train, test = expected_records(config, step)
+    missing = sorted({t for t in train if (t, "train") not in seen} | {t for t in test if (t, "test") not in seen})
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MetricsError(f"cannot resume from step {step}: {path} lacks the records of steps {shown}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Configs across a resumption.
 
@@ -185,11 +221,47 @@ def config_differences(saved: dict, config: Config) -> list[str]:
 # Checks before anything is written.
 
 
+NAME_MAX = 255
+"""Longest file name (bytes) of Linux file systems; ``PATH_MAX`` (4096) bounds the whole path."""
+PATH_MAX = 4096
+
+
+def check_path(workdir: str) -> None:
+    """:class:`ConfigError` for a workdir path no run can use: empty, not UTF-8, a name longer than 255
+    bytes or a path longer than 4096, a symlink that loops or dangles, or an entry of the run (``checkpoints``,
+    ``metrics.jsonl``, ``summary.json``) of the wrong kind."""
+    if not isinstance(workdir, str) or not workdir.strip():
+        raise ConfigError("workdir must be a non-empty path")
+    try:
+        encoded = os.path.abspath(workdir).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"workdir {ascii(workdir)} is not valid UTF-8") from None
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise ConfigError(f"workdir {workdir[:80]}... is too long (a name over {NAME_MAX} bytes or a path over "
+                          f"{PATH_MAX})")
+    try:
+        os.stat(workdir)
+    except FileNotFoundError:
+        if os.path.lexists(workdir):
+            raise ConfigError(f"workdir {workdir} is a dangling symbolic link") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"workdir {workdir} is a symbolic link loop") from None
+        if e.errno != errno.ENOTDIR:  # a file on the path: check_new_workdir names it
+            raise ConfigError(f"workdir {workdir} cannot be used: {e.strerror}") from None
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} exists and is not a directory")
+    for name, want_dir in ((CHECKPOINTS_DIR, True), (METRICS_FILE, False), (SUMMARY_FILE, False)):
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path) and (os.path.islink(path) or os.path.isdir(path) != want_dir):
+            raise ConfigError(f"{path} is not a {'directory' if want_dir else 'regular file'}; this is not a "
+                              f"run directory rate-tuning wrote")
+
+
 def check_new_workdir(workdir: str) -> None:
     """:class:`ConfigError` unless a new run can be created in ``workdir`` (absent, or a directory without
     a run, under a writable ancestor)."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"workdir {workdir} exists and is not a directory")
+    check_path(workdir)
     ancestor = os.path.dirname(os.path.abspath(workdir))
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
@@ -208,6 +280,7 @@ def check_new_workdir(workdir: str) -> None:
 
 def check_resumable(workdir: str) -> None:
     """:class:`ConfigError` unless ``workdir`` holds an incomplete run with at least one checkpoint."""
+    check_path(workdir)
     if not os.path.isdir(workdir):
         raise ConfigError(f"cannot resume: workdir {workdir} does not exist" if not os.path.exists(workdir)
                           else f"cannot resume: workdir {workdir} is not a directory")
@@ -221,6 +294,144 @@ def check_resumable(workdir: str) -> None:
         raise ConfigError(f"cannot resume: workdir {workdir} holds no checkpoint{hint}")
 
 
-__all__ = ["CHECKPOINTS_DIR", "METRICS_FILE", "MetricsError", "MetricsWriter", "NullWriter", "RESUMABLE_CONFIG_KEYS",
-           "SUMMARY_FILE", "check_new_workdir", "check_resumable", "config_differences", "config_record",
-           "read_metrics", "print_warning", "rewind_metrics"]
+# ------------------------------------------------------------------------------------------------
+# What a run records besides its metrics.
+
+
+def environment() -> dict[str, Any]:
+    """Versions, backend and device of this process, for the summary."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+            "backend": jax.default_backend(), "device": f"{device.platform}:{device.device_kind}",
+            "device_count": jax.device_count()}
+
+
+def checkpoint_tree(state, key) -> dict[str, Any]:
+    """What a checkpoint stores as arrays: ``params``, ``batch_stats``, ``opt_state``, ``step`` (int64) and
+    ``rng`` (the key data of the run's PRNG key). The data position is the step (batches are
+    ``batch_at(..., step)``)."""
+    return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
+            "step": np.asarray(int(state.step), np.int64), "rng": np.asarray(jax.random.key_data(key))}
+
+
+def checkpoint_meta(config: Config, step: int) -> dict[str, Any]:
+    batches = ("the whole training split (full-batch GD)" if config.batch_size == 0 else
+               f"data.batch_at(x_train, y_train, {config.batch_size}, {config.seed}, step)")
+    return {
+        "step": step,
+        "config": config_record(config),
+        "data_position": {"next_step": step, "batch_of_step": batches},
+        "rng": {"seed": config.seed, "use": "parameter initialisation only (jax.random.key(seed), stored as 'rng'); "
+                                     "the train step draws no random numbers"},
+        "created_unix": time.time(),
+        "versions": {k: environment()[k] for k in ("jax", "jaxlib", "flax", "optax")},
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# One run at a time.
+
+
+class RunLock:
+    """An advisory lock on a run directory (``WORKDIR/.lock``, ``flock``), held for the run's life.
+
+    A second run on the same directory is refused with one line naming the holder's PID
+    (:class:`ConfigError`). The kernel drops the lock when its process dies however it dies, so a lock
+    file left by a dead process is simply taken over. :meth:`release` unlinks the file (a bad input found
+    after locking then leaves the directory as it was); the inode check in :meth:`acquire` makes that safe
+    against a process that opened the old file just before it was unlinked.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot lock the run directory: {self.path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    who = f" (pid {holder})" if holder else ""
+                    raise ConfigError(f"{os.path.dirname(self.path)} is in use by another run{who}; wait for it "
+                                      f"to end or choose another workdir") from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else it was unlinked by its releasing holder after we opened it: try again
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlink the lock file and drop the lock (idempotent)."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def make_workdir(workdir: str) -> str | None:
+    """Create ``workdir`` (and missing parents); the top-most directory created, or None if it existed."""
+    top, path = None, os.path.abspath(workdir)
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    os.makedirs(workdir, exist_ok=True)
+    return top
+
+
+def undo_workdir(lock: "RunLock | None", created: str | None, workdir: str) -> None:
+    """Release ``lock`` and remove the directories :func:`make_workdir` created for a run that did not start
+    (only while they are empty): a refused run leaves the file system as it found it."""
+    if lock is not None:
+        lock.release()
+    if created is None:
+        return
+    path = os.path.abspath(workdir)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+__all__ = ["CHECKPOINTS_DIR", "LOCK_FILE", "METRICS_FILE", "MetricsError", "MetricsWriter", "NullWriter",
+           "RESUMABLE_CONFIG_KEYS", "RunLock", "SUMMARY_FILE", "check_metrics_match", "check_new_workdir", "check_path",
+           "check_resumable", "checkpoint_meta", "checkpoint_tree", "config_differences", "config_record",
+           "environment", "expected_records", "make_workdir", "print_warning", "read_metrics", "rewind_metrics",
+           "undo_workdir"]

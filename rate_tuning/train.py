@@ -25,11 +25,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import platform
 import time
 from typing import Any, Callable, NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -169,42 +167,9 @@ def evaluate(eval_step, state: steps.TrainState, x, y, chunk: int = EVAL_CHUNK) 
     return {k: v / len(x) for k, v in totals.items()}
 
 
-def environment() -> dict[str, Any]:
-    """Versions, backend and device of this process, for the summary."""
-    import jaxlib
-
-    device = jax.devices()[0]
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
-            "backend": jax.default_backend(), "device": f"{device.platform}:{device.device_kind}",
-            "device_count": jax.device_count()}
-
-
 def summarize_groups(values: dict[str, Any]) -> dict[str, float]:
     """Per-group scalars (per-channel groups: the mean over channels)."""
     return {k: float(np.mean(np.asarray(v))) for k, v in values.items()}
-
-
-def checkpoint_tree(state: steps.TrainState, key) -> dict[str, Any]:
-    """What a checkpoint stores as arrays: ``params``, ``batch_stats``, ``opt_state``, ``step`` (int64) and
-    ``rng`` (the key data of the run's PRNG key). The data position is the step (batches are
-    ``batch_at(..., step)``)."""
-    return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-            "step": np.asarray(int(state.step), np.int64), "rng": np.asarray(jax.random.key_data(key))}
-
-
-def checkpoint_meta(config: Config, step: int) -> dict[str, Any]:
-    batches = ("the whole training split (full-batch GD)" if config.batch_size == 0 else
-               f"data.batch_at(x_train, y_train, {config.batch_size}, {config.seed}, step)")
-    return {
-        "step": step,
-        "config": rundir.config_record(config),
-        "data_position": {"next_step": step, "batch_of_step": batches},
-        "rng": {"seed": config.seed, "use": "parameter initialisation only (jax.random.key(seed), stored as 'rng'); "
-                                     "the train step draws no random numbers"},
-        "created_unix": time.time(),
-        "versions": {k: environment()[k] for k in ("jax", "jaxlib", "flax", "optax")},
-    }
 
 
 class Prepared(NamedTuple):
@@ -218,31 +183,31 @@ class Prepared(NamedTuple):
     found: ckpt.Found | None
     tree: Any
     notices: list
+    lock: Any
 
 
 def prepare(config: Config, workdir: str, *, resume: bool, devices: int | None) -> Prepared:
-    """Every check of :func:`train_and_evaluate`'s inputs, before anything is written; with several
-    processes, each raises if any failed (:func:`rate_tuning.parallel.raise_if_any_failed`)."""
+    """Every check of :func:`train_and_evaluate`'s inputs, then (process 0) the run directory locked
+    (:class:`rate_tuning.rundir.RunLock`; a new run's directory created), nothing else written; with several
+    processes, each raises if any failed (:func:`rate_tuning.parallel.raise_if_any_failed`). On a failure
+    the lock and any directory created for it are removed again."""
     lead, processes = jax.process_index() == 0, jax.process_count()
     notices: list[str] = []
-    found = tree = None
+    found = tree = lock = created = None
+    ckdir = os.path.join(workdir, rundir.CHECKPOINTS_DIR)
     try:
         configs.validate(config)
         if lead and resume:
             rundir.check_resumable(workdir)
-            found = ckpt.latest_valid(os.path.join(workdir, rundir.CHECKPOINTS_DIR), warn=notices.append)
+            lock = rundir.RunLock(workdir).acquire()  # before reading: no other run writes while we read
+            found = ckpt.latest_valid(ckdir, warn=notices.append)
             diff = rundir.config_differences(found.meta.get("config", {}), config)
             if diff:
                 raise ConfigError(f"cannot resume {workdir}: the config differs from the one in checkpoint "
                                   f"{ckpt.step_name(found.step)} in {'; '.join(diff)}")
         elif lead:
             rundir.check_new_workdir(workdir)
-        if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
-            raise ConfigError(f"devices must be a positive integer, got {devices!r}")
-        if processes > 1 and devices is not None:
-            raise ConfigError(f"devices must be None with {processes} processes (the mesh spans all "
-                              f"{jax.device_count()} devices of all of them)")
-        n_dev = jax.device_count() if processes > 1 else devices or 1
+        n_dev = parallel.check_device_count(devices)
         mesh = parallel.data_mesh(None if processes > 1 else n_dev) if n_dev > 1 else None
         dataset = load_dataset(config)
         global_batch = config.batch_size or len(dataset.x_train)
@@ -253,15 +218,27 @@ def prepare(config: Config, workdir: str, *, resume: bool, devices: int | None) 
         setup = create_train_state(config, dataset, key)
         # one step type for fresh and resumed runs (a Python 0 would compile a second, weakly typed variant)
         setup = setup._replace(state=setup.state.replace(step=jnp.asarray(0, jnp.int32)))
-        if found is not None:
-            tree = ckpt.restore(found.path, checkpoint_tree(setup.state, key))
+        if found is not None:  # the newest checkpoint that verifies *and* restores into this model's state
+            more: list[str] = []  # the corrupt ones latest_valid reported come again: said once
+            found, tree = ckpt.restore_latest(ckdir, rundir.checkpoint_tree(setup.state, key), warn=more.append)
+            notices += [n for n in more if n not in notices]
             if not np.array_equal(np.asarray(tree["rng"]), np.asarray(jax.random.key_data(key))):
                 raise ckpt.CheckpointError(f"checkpoint {ckpt.step_name(found.step)} holds another PRNG key "
                                            f"than seed {config.seed} gives")
+            rundir.check_metrics_match(os.path.join(workdir, rundir.METRICS_FILE), config, found.step)
+        elif lead:  # a new run: its directory, locked, checked again under the lock
+            created = rundir.make_workdir(workdir)
+            lock = rundir.RunLock(workdir).acquire()
+            rundir.check_new_workdir(workdir)
+        error = None
     except Exception as e:  # noqa: BLE001 -- told to the other processes, then raised here
-        parallel.raise_if_any_failed(e)  # raises e
-    parallel.raise_if_any_failed(None)
-    return Prepared(setup, dataset, key, mesh, n_dev, found, tree, notices)
+        error = e
+    try:
+        parallel.raise_if_any_failed(error)
+    except BaseException:
+        rundir.undo_workdir(lock, created, workdir)
+        raise
+    return Prepared(setup, dataset, key, mesh, n_dev, found, tree, notices, lock)
 
 
 class Run:
@@ -278,7 +255,7 @@ class Run:
         state = setup.state
         if resume:  # process 0 read the checkpoint; every process continues from it
             tree = parallel.broadcast_from_first(prepared.tree if self.lead
-                                                 else jax.device_get(checkpoint_tree(state, self.key)))
+                                                 else jax.device_get(rundir.checkpoint_tree(state, self.key)))
             state = state.replace(step=jnp.asarray(int(tree["step"]), jnp.int32), params=tree["params"],
                                   batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
         self.first = int(state.step)
@@ -306,7 +283,7 @@ class Run:
         if not self.lead:
             return os.path.join(self.ckdir, self.last_checkpoint)
         host = parallel.to_host(self.state) if self.processes > 1 else self.state
-        return ckpt.save(self.ckdir, step, checkpoint_tree(host, self.key), checkpoint_meta(self.config, step),
+        return ckpt.save(self.ckdir, step, rundir.checkpoint_tree(host, self.key), rundir.checkpoint_meta(self.config, step),
                          keep=self.config.keep_checkpoints)
 
     def open(self, notices: list[str]) -> None:
@@ -428,52 +405,62 @@ def train_and_evaluate(config: Config, workdir: str, *, verbose: bool = True, re
     start = time.perf_counter()
     with precision(config.dtype):
         prepared = prepare(config, workdir, resume=resume, devices=devices)
-        run = Run(config, workdir, prepared, resume=resume, verbose=verbose)
-        # ---- inputs are good: from here on, files are written (by process 0)
         try:
-            run.open(prepared.notices)
-            dataset = run.dataset
-            bn = config.bn or models.PRESETS[config.preset].bn
-            mode = "full-batch GD" if config.batch_size == 0 else f"SGD, batch {config.batch_size}"
-            run.progress.message(f"training {config.arch}/{config.preset} (bn {bn}) on {dataset.name}: "
-                                 f"{len(dataset.x_train)} train / {len(dataset.x_test)} test, {mode}, "
-                                 f"{config.steps} steps, lr_w {config.lr_w:g}, lr_g {config.lr_g:g} "
-                                 f"({config.schedule}), {config.dtype}, {jax.default_backend()}")
-            loop_start = time.perf_counter()
-            test = run.loop()
-            train_time = time.perf_counter() - loop_start
+            return _train(config, workdir, prepared, start, resume=resume, verbose=verbose)
         finally:
-            run.close()
-        # a run resumed from its final checkpoint (killed before summary.json) has it already
-        final = (os.path.join(run.ckdir, ckpt.step_name(run.first)) if resume and run.first == config.steps
-                 else run.save(config.steps))
-        train_eval = evaluate(run.eval_step, run.state, dataset.x_train, dataset.y_train)
-        params = parallel.to_host(run.state.params)
-        eff = summarize_groups(M.effective_lr(run.lr_w(config.steps), params, run.labels))
-        norms = summarize_groups(M.group_norms(params, run.labels))
-        summary = jsonio.to_json_value({
-            "steps": config.steps,
-            "final_train_loss": run.last_train.get("loss"),
-            "final_train_accuracy": run.last_train.get("accuracy"),
-            "train_eval_loss": train_eval["loss"],
-            "train_eval_accuracy": train_eval["accuracy"],
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "effective_lr": eff,
-            "effective_lr_min": min(eff.values()) if eff else None,
-            "effective_lr_max": max(eff.values()) if eff else None,
-            "norms": norms,
-            "bn": bn,
-            "dataset": {"name": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test)},
-            "train_time_s": train_time,
-            "wall_time_s": time.perf_counter() - start,
-            "resumed_from_step": run.first if resume else None,
-            "checkpoint": os.path.relpath(final, workdir),
-            "config": dataclasses.asdict(config),
-            "data_parallel_devices": prepared.devices,
-            "processes": run.processes,
-            **environment(),
-        })
+            if prepared.lock is not None:
+                prepared.lock.release()
+
+
+def _train(config: Config, workdir: str, prepared: Prepared, start: float, *, resume: bool,
+           verbose: bool) -> dict[str, Any]:
+    """The run of :func:`train_and_evaluate` once :func:`prepare` has checked its inputs."""
+    run = Run(config, workdir, prepared, resume=resume, verbose=verbose)
+    # ---- inputs are good: from here on, files are written (by process 0)
+    try:
+        run.open(prepared.notices)
+        dataset = run.dataset
+        bn = config.bn or models.PRESETS[config.preset].bn
+        mode = "full-batch GD" if config.batch_size == 0 else f"SGD, batch {config.batch_size}"
+        run.progress.message(f"training {config.arch}/{config.preset} (bn {bn}) on {dataset.name}: "
+                             f"{len(dataset.x_train)} train / {len(dataset.x_test)} test, {mode}, "
+                             f"{config.steps} steps, lr_w {config.lr_w:g}, lr_g {config.lr_g:g} "
+                             f"({config.schedule}), {config.dtype}, {jax.default_backend()}")
+        loop_start = time.perf_counter()
+        test = run.loop()
+        train_time = time.perf_counter() - loop_start
+    finally:
+        run.close()
+    # a run resumed from its final checkpoint (killed before summary.json) has it already
+    final = (os.path.join(run.ckdir, ckpt.step_name(run.first)) if resume and run.first == config.steps
+             else run.save(config.steps))
+    train_eval = evaluate(run.eval_step, run.state, dataset.x_train, dataset.y_train)
+    params = parallel.to_host(run.state.params)
+    eff = summarize_groups(M.effective_lr(run.lr_w(config.steps), params, run.labels))
+    norms = summarize_groups(M.group_norms(params, run.labels))
+    summary = jsonio.to_json_value({
+        "steps": config.steps,
+        "final_train_loss": run.last_train.get("loss"),
+        "final_train_accuracy": run.last_train.get("accuracy"),
+        "train_eval_loss": train_eval["loss"],
+        "train_eval_accuracy": train_eval["accuracy"],
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "effective_lr": eff,
+        "effective_lr_min": min(eff.values()) if eff else None,
+        "effective_lr_max": max(eff.values()) if eff else None,
+        "norms": norms,
+        "bn": bn,
+        "dataset": {"name": dataset.name, "n_train": len(dataset.x_train), "n_test": len(dataset.x_test)},
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - start,
+        "resumed_from_step": run.first if resume else None,
+        "checkpoint": os.path.relpath(final, workdir),
+        "config": dataclasses.asdict(config),
+        "data_parallel_devices": prepared.devices,
+        "processes": run.processes,
+        **rundir.environment(),
+    })
     if run.lead:
         jsonio.write_atomic(os.path.join(workdir, rundir.SUMMARY_FILE), summary)
     run.progress.message(f"done: test loss {fmt(summary['test_loss'], '.4g')}  "
@@ -490,10 +477,10 @@ def load_final_params(workdir: str, config: Config):
         dataset = load_dataset(config)
         key = jax.random.key(config.seed)
         state = create_train_state(config, dataset, key).state.replace(step=jnp.asarray(0, jnp.int32))
-        tree = ckpt.restore(found.path, checkpoint_tree(state, key))
+        tree = ckpt.restore(found.path, rundir.checkpoint_tree(state, key))
         return found.step, jax.device_get(tree["params"])
 
 
-__all__ = ["DTYPES", "Prepared", "Run", "TrainSetup", "batch_fn", "checkpoint_meta", "checkpoint_tree",
-           "create_train_state", "environment", "evaluate", "load_dataset", "load_final_params", "precision",
+__all__ = ["DTYPES", "Prepared", "Run", "TrainSetup", "batch_fn",
+           "create_train_state", "evaluate", "load_dataset", "load_final_params", "precision",
            "prepare", "summarize_groups", "train_and_evaluate"]

@@ -283,12 +283,12 @@ def test_bad_input(case, finished_run, tmp_path, monkeypatch, capsys):
 
 
 def test_an_os_error_while_running_is_exit_1_in_one_line(finished_run, tmp_path, monkeypatch, capsys):
-    """Not bad input: a disk that fills up. One line, exit 1, the staging directory removed."""
-    class FullDisk:
-        def save(self, *args, **kwargs):
-            raise OSError(28, "No space left on device")
+    """Not bad input: a disk that fills up. One line, exit 1, the staging directory removed (a real full
+    disk: tests/test_reliability.py)."""
+    def full_disk(staging, step):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_orbax_checkpointer", FullDisk)
+    monkeypatch.setattr(ckpt, "seal", full_disk)
     rc = cli.main(["train", "--config", "synthetic", "--workdir", str(tmp_path / "wd"), "--quiet", *RUN])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == cli.EXIT_OS_ERROR and len(err) == 1 and "Traceback" not in err[0]
