@@ -342,7 +342,11 @@ def _lr_g_x2():
 def _sgd_bound_div10():
     sgd = _mod("proofs_check.checks.sgd")
     original = sgd.a_priori_gradient_bound
-    return [(sgd, "a_priori_gradient_bound", lambda *a, **kw: original(*a, **kw) / 10)]
+    def faulty(*a, **kw):
+        G_det, floor = original(*a, **kw)
+        return G_det / 10, floor / 100   # the bound of ||grad F_z|| (sqrt(G_det^2 + floor)) divided by 10
+
+    return [(sgd, "a_priori_gradient_bound", faulty)]
 
 
 # -------------------------------------------------------------------------------------------------------

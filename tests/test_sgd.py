@@ -29,7 +29,11 @@ def test_negative_control_is_violated(evidence, cid, setting, count):
 def test_c16_records_per_lr(evidence):
     recs = [e for e in evidence("C16") if not e.negative_control]
     lrs = claims.REGISTRY["C16"].quick["lr_w"]
-    assert len(recs) == 3 * len(lrs)          # the (1 + ln T), increment and quartic bounds, per lr_w
+    # per lr_w: the (1 + ln T), increment and quartic bounds, and the a-priori bound in expectation (upper) with
+    # its Theta(log T) lower side
+    assert len(recs) == 5 * len(lrs)
+    upper = [e for e in recs if "a-priori bound in expectation" in e.setting]
+    assert len(upper) == len(lrs) and min(e.details["slack_bound_over_measured"] for e in upper) <= 10
     # the constant-lr increments exceed the inverse-sqrt bound by orders of magnitude (~ (T'-T)/ln(T'/T))
     assert min(e.measured for e in evidence("C16") if e.negative_control) > 100
 

@@ -52,7 +52,7 @@ from proofs_check import problems as P
 from proofs_check.claims import claim
 from proofs_check.curves import curve
 from proofs_check.evidence import Evidence
-from proofs_check.numerics import fan_in_normal, numpy_init, unit_roundoff, x64
+from proofs_check.numerics import fan_in_normal, gamma, numpy_init, unit_roundoff, x64
 from rate_tuning import data as D
 from rate_tuning import groups as G
 from rate_tuning import layers as BN
@@ -897,6 +897,34 @@ _C19_CONTROLS = (
 )
 
 
+def _bn_closed_form_records(x, w, seed: int) -> list[Evidence]:
+    """The library's train-mode BN layer (:class:`rate_tuning.layers.BatchNorm`, exact and smooth) against
+    the formula of the paper written here in numpy: ``(z - mean(z)) / sqrt(var(z) + eps ||w_k||^2)`` per
+    channel ``k`` for ``z = x w`` (``eps = 0`` for exact BN, the smoothed network's ``eps`` otherwise).
+
+    Tolerance: each side is a two-pass mean and variance of ``B`` terms and a product of ``d`` terms:
+    ``gamma_{B + d}`` relative per output, outputs of size up to ``sqrt(B - 1)``: ``2 gamma_{B+d} sqrt(B)``
+    absolute (float64).
+    """
+    from rate_tuning import layers
+    out = []
+    z = x @ w
+    B, d = x.shape
+    wsq = np.sum(w**2, axis=0)
+    for variant, eps in (("exact", 0.0), ("smooth", layers.STANDARD_EPSILON)):
+        mine = (z - z.mean(0)) / np.sqrt(z.var(0) + eps * wsq)
+        mod = layers.batch_norm(variant, use_scale=False, use_bias=False, param_dtype=jnp.float64)()
+        variables = mod.init(jax.random.key(0), jnp.asarray(z), use_running_average=False,
+                             weight_sq_norm=jnp.asarray(wsq))
+        y, _ = mod.apply(variables, jnp.asarray(z), use_running_average=False, weight_sq_norm=jnp.asarray(wsq),
+                         mutable=["batch_stats"])
+        diff = float(np.max(np.abs(np.asarray(y, np.float64) - mine)))
+        out.append(_ev("C19", f"one BN layer ({variant}, eps={eps:g}) on digits x (B={B}, {d} -> {w.shape[1]}), seed "
+                              f"{seed}: rate_tuning.layers.BatchNorm vs (z - mean z)/sqrt(var z + eps ||w||^2) in numpy "
+                              "(max |difference|)", diff, 2 * gamma(B + d, DTYPE) * math.sqrt(B), bn=variant))
+    return out
+
+
 @claim(
     "C19",
     paper_ref="smoothed-network appendix [D]; PAPER §5",
@@ -939,6 +967,7 @@ def check_c19(settings: dict) -> list[Evidence]:
                               control={"standard": _C19_CONTROLS[0], "eval-mode": _C19_CONTROLS[1]}.get(variant),
                               op_count=n_ops,
                               change_per_c=per_c, max_abs_output=size, **extra))
+            ev += _bn_closed_form_records(x, w, seed)
             for arch, kw in _nets(settings):
                 for preset, bn in (("smoothed", None), ("paper", None), ("smoothed", "standard")):
                     net = _net_from(settings, arch, kw, preset, bn=bn, seed=seed)
