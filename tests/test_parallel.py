@@ -148,7 +148,8 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
 
     if mode == "dist":
         parallel.distributed_initialize(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=60)
-    from rate_tuning import data, steps
+    from rate_tuning import data
+    from rate_tuning import steps as step_lib
 
     with jax.enable_x64(True):
         setup, x, y = _problem("mlp", 128)
@@ -157,7 +158,7 @@ def worker_dist(mode: str, process_id: int, port: int, out_path: str, steps: int
             step = parallel.make_parallel_train_step(setup.model, setup.labels, setup.lr_w, mesh)
             state = parallel.replicate(mesh, setup.state)
         else:
-            step, state = steps.make_train_step(setup.model, setup.labels, setup.lr_w), setup.state
+            step, state = step_lib.make_train_step(setup.model, setup.labels, setup.lr_w), setup.state
         losses = []
         for t in range(steps):
             xb, yb = data.batch_at(x, y, batch, 0, t)  # the same global batch in every process
