@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from rate_tuning import memory
+
 FASHION_MNIST_ENV = "RATE_TUNING_FASHION_MNIST"
 """Environment variable that overrides the Fashion-MNIST directory."""
 
@@ -131,6 +133,8 @@ def synthetic(n_train: int, n_test: int, dim: int, num_classes: int, seed: int,
     num_classes = _check_positive_int("num_classes", num_classes, minimum=2)
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
+    n = n_train + n_test  # float64 inputs, their noise and a standardised copy: 3 arrays of (n, dim)
+    memory.check_fits(f"synthetic data of {n} x {dim}", 3 * 8 * n * dim + 16 * n, memory.host_available_bytes())
     rng = np.random.default_rng(seed)
     means = rng.standard_normal((num_classes, dim))
     y = rng.integers(num_classes, size=n_train + n_test)

@@ -9,6 +9,7 @@ checkpoints, resumption, label trees, data files and the command line, with the 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rate_tuning import checkpoint as ckpt
-from rate_tuning import cli, configs, models, train
+from rate_tuning import cli, configs, models, rundir, train
 from rate_tuning import groups as G
 from rate_tuning.configs import Config, ConfigError
 
@@ -98,6 +99,91 @@ def a_file(wd, finished):
     wd.write_text("not a directory\n")
 
 
+# Issue 16: paths, sizes, JSON depth, locks, resume gaps
+
+
+def symlink_loop(wd, finished):
+    wd.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(wd.name, wd)
+
+
+def dangling_symlink(wd, finished):
+    wd.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink("nowhere", wd)
+
+
+def entry_of_the_wrong_kind(name: str, kind: str, resumable: bool = False):
+    def setup(wd, finished):
+        if resumable:
+            killed_run(wd, finished)
+            target = wd / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        else:
+            wd.mkdir()
+        (wd / name).mkdir() if kind == "dir" else (wd / name).write_text("x")
+    return setup
+
+
+DEEP = "[" * 100000
+
+
+def deep_manifests(wd, finished):
+    killed_run(wd, finished)
+    for step in ("step_00000002", "step_00000004"):
+        (wd / "checkpoints" / step / ckpt.MANIFEST_FILE).write_text(DEEP)
+
+
+def deep_meta(wd, finished):
+    """meta.json nested 100000 deep, with a manifest that vouches for it (size and SHA-256 updated)."""
+    killed_run(wd, finished)
+    for step in ("step_00000002", "step_00000004"):
+        d = wd / "checkpoints" / step
+        (d / ckpt.META_FILE).write_text(DEEP)
+        manifest = json.loads((d / ckpt.MANIFEST_FILE).read_text())
+        manifest["files"][ckpt.META_FILE] = {"size": len(DEEP), "sha256": hashlib.sha256(DEEP.encode()).hexdigest()}
+        (d / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def deep_metrics_line(wd, finished):
+    killed_run(wd, finished)
+    lines = (wd / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = DEEP + "\n"
+    (wd / "metrics.jsonl").write_text("".join(lines))
+
+
+def metrics_missing(wd, finished):
+    killed_run(wd, finished)
+    os.remove(wd / "metrics.jsonl")
+    shutil.rmtree(wd / "checkpoints" / "step_00000002")  # resume from step 4: records 0..3 are needed
+
+
+def metrics_without_its_start(wd, finished):
+    killed_run(wd, finished)
+    lines = (wd / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (wd / "metrics.jsonl").write_text("".join(lines[1:]))
+
+
+HELD_LOCKS: list[int] = []
+
+
+def held_lock(resumable: bool):
+    """Another run holds the directory's lock (an flock on another open file: as good as another process)."""
+    def setup(wd, finished):
+        killed_run(wd, finished) if resumable else wd.mkdir()
+        fd = os.open(wd / rundir.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        os.write(fd, b"4242\n")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        HELD_LOCKS.append(fd)
+    return setup
+
+
+@pytest.fixture(autouse=True)
+def release_held_locks():
+    yield
+    while HELD_LOCKS:
+        os.close(HELD_LOCKS.pop())
+
+
 def _write_idx(path, magic: int, dims: tuple[int, ...], extra: int = 0):
     n = math.prod(dims)
     body = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + bytes(n)
@@ -159,7 +245,7 @@ BAD = {
     "unparsable integer": Case((*T, "batch_size=big"), "'batch_size': cannot parse 'big' as an integer"),
     "integer overflow": Case((*T, "steps=1e400"), "'steps': cannot parse '1e400' as an integer"),
     "boolean of the wrong type": Case((*T, "verify_labels=maybe"), "'verify_labels': cannot parse 'maybe'"),
-    "negative steps": Case((*T, "steps=-5"), "steps must be an integer >= 1, got -5"),
+    "negative steps": Case((*T, "steps=-5"), "steps must be an integer in [1, 2147483647], got -5"),
     "zero log_every": Case((*T, "log_every=0"), "log_every must be an integer >= 1, got 0"),
     "negative eval_every": Case((*T, "eval_every=-1"), "eval_every must be an integer >= 0"),
     "negative checkpoint_every": Case((*T, "checkpoint_every=-1"), "checkpoint_every must be an integer >= 0"),
@@ -233,6 +319,65 @@ BAD = {
     "unknown option": Case((*T, "--bogus"), "unrecognized arguments: --bogus"),
     "an override given to `configs`": Case(("configs", "steps=3"), "unrecognized arguments: steps=3"),
     "override without a key": Case((*T, "=5"), "'=5' is not of the form key=value"),
+    # ---- issue 16: integer ranges and sizes
+    "seed of 2^32": Case((*T, "seed=4294967296"), "seed must be an integer in [0, 4294967295], got 4294967296"),
+    "seed of 2^63": Case((*T, "seed=9223372036854775808"), "seed must be an integer in [0, 4294967295]"),
+    "negative seed": Case((*T, "seed=-1"), "seed must be an integer in [0, 4294967295], got -1"),
+    "steps of 2^31": Case((*T, "steps=2147483648"), "steps must be an integer in [1, 2147483647]"),
+    "fractional steps": Case((*T, "steps=2.5"), "'steps': cannot parse '2.5' as an integer"),
+    "negative batch size": Case((*T, "batch_size=-1"), "batch_size must be an integer >= 0, got -1"),
+    "negative keep_checkpoints": Case((*T, "keep_checkpoints=-3"), "keep_checkpoints must be an integer >= 1"),
+    "log_every text": Case((*T, "log_every=often"), "'log_every': cannot parse 'often' as an integer"),
+    "lr_w given a boolean": Case((*T, "lr_w=true"), "'lr_w': cannot parse 'true' as a number"),
+    "negative momentum": Case((*T, "momentum=-0.1"), "momentum must be in [0, 1), got -0.1"),
+    "negative weight decay": Case((*T, "weight_decay=-0.001"), "weight_decay must be a finite number >= 0"),
+    "infinite weight decay": Case((*T, "weight_decay=inf"), "weight_decay must be a finite number >= 0, got inf"),
+    "bn for a preset without BN": Case((*T, "preset=no_bn", "bn=exact"), "preset 'no_bn' has no BatchNorm"),
+    "arch_kwargs a list": Case((*T, "arch_kwargs=[1]"), "'arch_kwargs': cannot parse '[1]' as a Python dict"),
+    "dict entry with a bare comma": Case((*T, "data_kwargs.path=a,b"), "cannot parse 'a,b' as a Python literal"),
+    "deeply nested dict literal": Case((*T, "arch_kwargs=" + "{'a':" * 300 + "1" + "}" * 300),
+                                       "'arch_kwargs': cannot parse"),
+    "empty test split": Case((*T, "data_kwargs.n_test=0"), "n_test must be an integer >= 1, got 0"),
+    "one class": Case((*T, "data_kwargs.num_classes=1"), "num_classes must be an integer >= 2, got 1"),
+    "zero input dimension": Case((*T, "data_kwargs.dim=0"), "dim must be an integer >= 1, got 0"),
+    "a model too large for memory": Case((*T, "arch_kwargs.widths=100000,100000"), "of memory;"),
+    "data too large for memory": Case((*T, "data_kwargs.n_train=100000000000"), "synthetic data of 100000000032 x 6"),
+    "inputs too wide for memory": Case((*T, "data_kwargs.dim=1000000000000"), "synthetic data of 96 x 1000000000000"),
+    # ---- issue 16: the command line
+    "--devices 0": Case((*T, "--devices", "0"), "--devices must be a positive integer, got 0"),
+    "--devices 100000": Case((*T, "--devices", "100000"), "--devices=100000 is more than the 256"),
+    "--devices 2^31": Case((*T, "--devices", "2147483648"), "--devices=2147483648 is more than the 256"),
+    "--devices text": Case((*T, "--devices", "many"), "argument --devices: invalid int value: 'many'"),
+    "--init-timeout text": Case((*T, "--init-timeout", "soon"), "argument --init-timeout: invalid int value"),
+    "empty --workdir": Case((*T, "--workdir", ""), "--workdir must be a non-empty path"),
+    # ---- issue 16: workdir paths
+    "workdir a symlink loop": Case((*T, "--workdir", "{wd}"), "is a symbolic link loop", symlink_loop),
+    "workdir a dangling symlink": Case((*T, "--workdir", "{wd}"), "is a dangling symbolic link", dangling_symlink),
+    "workdir name over 255 bytes": Case((*T, "--workdir", "{wd}/" + "n" * 300), "is too long"),
+    "workdir not UTF-8": Case((*T, "--workdir", "{wd}/\udcff"), "is not valid UTF-8"),
+    "checkpoints is a file": Case((*T, "--workdir", "{wd}"), "checkpoints is not a directory",
+                                  entry_of_the_wrong_kind("checkpoints", "file")),
+    "metrics.jsonl is a directory": Case((*T, "--workdir", "{wd}"), "metrics.jsonl is not a regular file",
+                                         entry_of_the_wrong_kind("metrics.jsonl", "dir")),
+    "summary.json is a directory": Case((*T, "--workdir", "{wd}"), "summary.json is not a regular file",
+                                        entry_of_the_wrong_kind("summary.json", "dir")),
+    "resume: checkpoints is a file": Case(R, "checkpoints is not a directory",
+                                          entry_of_the_wrong_kind("checkpoints", "file", resumable=True)),
+    "resume: metrics.jsonl is a directory": Case(R, "metrics.jsonl is not a regular file",
+                                                 entry_of_the_wrong_kind("metrics.jsonl", "dir", resumable=True)),
+    "resume a symlink loop": Case(R, "is a symbolic link loop", symlink_loop),
+    # ---- issue 16: hostile JSON, resume gaps, a second run
+    "resume: manifests nested 100000 deep": Case(R, "nested deeper than 64 levels", deep_manifests),
+    "resume: meta.json nested 100000 deep": Case(R, "nested deeper than 64 levels", deep_meta),
+    "resume: a metrics line nested 100000 deep": Case(R, "metrics.jsonl: line 2 is not a metrics record",
+                                                      deep_metrics_line),
+    "resume: metrics.jsonl missing": Case(R, "cannot resume from step 4: {wd}/metrics.jsonl is missing",
+                                          metrics_missing),
+    "resume: metrics.jsonl without its first record": Case(R, "lacks the records of steps 0",
+                                                           metrics_without_its_start),
+    "resume: another run holds the workdir": Case(R, "is in use by another run (pid 4242)", held_lock(True)),
+    "new run: another run holds the workdir": Case((*T, "--workdir", "{wd}"), "is in use by another run (pid 4242)",
+                                                   held_lock(False)),
 }
 
 
@@ -244,12 +389,15 @@ def snapshot(root) -> dict[str, str]:
             out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
         for name in filenames:
             path = os.path.join(dirpath, name)
+            if os.path.islink(path):  # a loop or a dangling link: its target, not its content
+                out[os.path.relpath(path, root)] = f"link -> {os.readlink(path)}"
+                continue
             out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
     return out
 
 
 def test_the_table_is_large_enough():
-    assert len(BAD) >= 30
+    assert len(BAD) >= 59 + 40  # issue 6's 59 rows and issue 16's 40 or more
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -122,7 +122,10 @@ DTYPES = ("float32", "float64")
 """Supported run dtypes (params and inputs)."""
 
 MAX_SEED = 2**32 - 1
-"""Largest seed (``jax.random.key`` takes an unsigned 32-bit seed here; a larger one would overflow)."""
+"""Largest seed (``jax.random.key`` takes an unsigned 32-bit seed here: 2^32 gives the key of 0)."""
+
+MAX_STEPS = 2**31 - 1
+"""Most steps of a run (the train state counts steps in int32)."""
 
 
 def _choice(name: str, value, known) -> None:
@@ -142,7 +145,7 @@ def validate(config: Config) -> None:
 
     Checks: known dataset, arch, preset, bn variant (and that the preset has a BN to replace), grouping,
     schedule and dtype; ``lr_w``, ``lr_g`` finite and > 0 (:func:`rate_tuning.optim.check_learning_rate`);
-    ``steps >= 1``, ``batch_size >= 0`` (0: full batch), ``eval_every >= 0``, ``log_every >= 1``,
+    ``1 <= steps <= 2^31 - 1``, ``batch_size >= 0`` (0: full batch), ``eval_every >= 0``, ``log_every >= 1``,
     ``0 <= seed <= 2^32 - 1``, ``checkpoint_every >= 0``, ``keep_checkpoints >= 1``. What needs the data
     (batch size vs. dataset size), the model (arch_kwargs, labels) or the optimizer (``weight_decay``,
     ``momentum``) is checked where those are built (:func:`rate_tuning.train.load_dataset`,
@@ -167,9 +170,10 @@ def validate(config: Config) -> None:
             optim.check_learning_rate(name, getattr(config, name))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    for name, minimum in (("steps", 1), ("batch_size", 0), ("eval_every", 0), ("log_every", 1),
-                          ("checkpoint_every", 0), ("keep_checkpoints", 1)):
+    for name, minimum in (("batch_size", 0), ("eval_every", 0), ("log_every", 1), ("checkpoint_every", 0),
+                          ("keep_checkpoints", 1)):
         _integer(name, getattr(config, name), minimum)
+    _integer("steps", config.steps, 1, MAX_STEPS)
     _integer("seed", config.seed, 0, MAX_SEED)
     for name in ("project", "verify_labels"):
         if not isinstance(getattr(config, name), bool):
@@ -316,5 +320,5 @@ def _parse_entry(key: str, text: str) -> Any:
         return raw
 
 
-__all__ = ["Config", "ConfigError", "DTYPES", "MAX_SEED", "available", "field_types", "get", "override", "parse_value",
+__all__ = ["Config", "ConfigError", "DTYPES", "MAX_SEED", "MAX_STEPS", "available", "field_types", "get", "override", "parse_value",
            "validate"]
