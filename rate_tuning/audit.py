@@ -5,7 +5,8 @@ Given a model (flax linen or NNX), its variables and a batch, :func:`audit` prob
 Lyu, ICLR 2019: ``L(c w) = L(w)`` for every ``c > 0``), as a label tree that :func:`rate_tuning.optim.two_rate_sgd`
 and :func:`rate_tuning.groups.verify_labels` take, and a table of what was measured.
 
-The model comes as a :class:`rate_tuning.targets.Target` (the factory contract is in :mod:`rate_tuning.targets`).
+The model comes as a :class:`rate_tuning.targets.Target` (the factory contract is in :mod:`rate_tuning.targets`);
+from the command line: ``rate-tuning audit MODULE:FACTORY [--frozen PATHS] [--json FILE]``.
 
 The search (docs/derivations.md, "Auditing a model"), all in float64 inside ``jax.enable_x64``:
 
@@ -517,3 +518,35 @@ def audit(model, variables=None, batch=None, *, loss: Callable | None = None, ca
 def audit_factory(spec: str, **kwargs) -> AuditResult:
     """:func:`load_factory` then :func:`audit_target`."""
     return audit_target(load_factory(spec), **kwargs)
+
+
+def label_strings(labels) -> dict[str, str]:
+    """``{path: 'si:GROUP' | 'si:GROUP:channel' | 'variant' | 'frozen'}`` of a label tree (for JSON)."""
+    flat = jax.tree_util.tree_flatten_with_path(labels, is_leaf=G.is_label)[0]
+    return {G.path_str(p): (f"si:{lab.group}" + (":channel" if lab.per_channel else "")) if lab.kind == G.SI
+            else lab.kind for p, lab in flat}
+
+
+def command(spec: str, *, frozen: str = "", json_path: str | None = None, seed: int = 0,
+            sub_batch: int | None = None, almost: float = ALMOST) -> int:
+    """``rate-tuning audit MODULE:FACTORY``: print the table (and write ``json_path``); returns 0.
+
+    Raises:
+      AuditError: bad input, one line; OSError: ``json_path`` cannot be written.
+    """
+    if seed < 0:
+        raise AuditError(f"--seed must be >= 0, got {seed}")
+    if sub_batch is not None and sub_batch < 1:
+        raise AuditError(f"--sub-batch must be a positive integer, got {sub_batch}")
+    if not 0 < almost < 1:
+        raise AuditError(f"--almost must be in (0, 1), got {almost:g}")
+    t = load_factory(spec)
+    t.frozen = tuple(dict.fromkeys([*t.frozen, *(p.strip() for p in frozen.split(",") if p.strip())]))
+    result = audit_target(t, almost=almost, seed=seed, sub_batch=sub_batch)
+    print(result.table())
+    if json_path:
+        from rate_tuning import jsonio
+
+        jsonio.write_atomic(json_path, {**result.to_dict(), "labels": {g: label_strings(result.labels(g))
+                                                                      for g in ("layer", "channel")}})
+    return 0

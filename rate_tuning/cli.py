@@ -10,6 +10,7 @@ Usage::
     rate-tuning train --config digits --workdir runs/mh --coordinator 10.0.0.1:1234 --num-processes 2 \
         --process-id 0                                     # on host 0 (and --process-id 1 on host 1)
     rate-tuning configs                                    # the configs, one line each
+    rate-tuning audit examples/audit_models.py:nnx_batchnorm   # scale-invariant groups of any flax model
 
 Overrides are ``key=value`` (syntax: :mod:`rate_tuning.configs`). Errors are one line
 ``rate-tuning: error: <message>`` on stderr, never a traceback. Exit status:
@@ -134,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. lr_w=100 steps=2000 arch_kwargs.widths=64,64")
     sub.add_parser("configs", help="list the configs")
+    audit = sub.add_parser(
+        "audit", help="find the scale-invariant parameter groups of any flax model",
+        description="Probe the train-mode loss of MODULE:FACTORY in float64 and print its scale-invariant groups "
+                    "(single leaves, per output channel, joint groups), the almost-invariant ones and the "
+                    "scale-variant leaves. MODULE is a dotted module importable from the current directory or a "
+                    "path to a .py file; FACTORY() returns (model, variables, batch) for flax linen, (model, batch) "
+                    "for an nnx.Module, or a dict with model, variables, batch and optionally loss(outputs, batch), "
+                    "call_kwargs, frozen; batch is (inputs, targets) or inputs (rate_tuning.targets). Exit "
+                    "status: 0 done (also when nothing is invariant), 1 OS error, 2 bad input.")
+    audit.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. examples/audit_models.py:groupnorm_resnet")
+    audit.add_argument("--frozen", default="", metavar="PATHS",
+                       help="comma-separated parameter paths that are not trained (labelled 'frozen')")
+    audit.add_argument("--json", default=None, metavar="FILE", help="also write the groups and the label tree here")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the probe points and factors (default 0)")
+    audit.add_argument("--sub-batch", type=int, default=None, metavar="N",
+                       help="examples per sub-batch of the gradient probes (default 8 for batches of 16 or more)")
+    audit.add_argument("--almost", type=float, default=1e-3, metavar="X",
+                       help="threshold of almost invariance (default 1e-3)")
     return parser
 
 
@@ -163,6 +182,16 @@ def _main(argv: list[str] | None, signals: _Signals) -> int:
         for name, description in configs.available().items():
             print(f"{name:16s} {description}")
         return 0
+    if args.command == "audit":
+        from rate_tuning import audit
+
+        try:
+            return audit.command(args.factory, frozen=args.frozen, json_path=args.json, seed=args.seed,
+                                 sub_batch=args.sub_batch, almost=args.almost)
+        except ValueError as e:  # AuditError: the import path, the factory, the batch, the model
+            return _fail(str(e) or type(e).__name__)
+        except OSError as e:
+            return _fail(f"{e.strerror or e}: {getattr(e, 'filename', '')}", EXIT_OS_ERROR)
 
     if args.devices is not None:
         from rate_tuning import parallel
