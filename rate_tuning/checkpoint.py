@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import datetime
 import functools
 import hashlib
@@ -219,21 +220,34 @@ def _set_aside(directory: str, name: str, kind: str = "corrupt") -> str | None:
 
 @contextlib.contextmanager
 def _quiet_orbax():
-    """orbax logs the tracebacks of failures in its worker threads on the ``absl`` logger (and asyncio on
-    its own); we report the failure ourselves, in one line, so those logs are silenced while orbax runs."""
+    """orbax logs the tracebacks of failures in its worker threads on the ``absl`` logger, and on a full
+    disk tensorstore's callbacks into a closed asyncio loop print tracebacks straight to file descriptor 2;
+    we report the failure ourselves, in one line, so both are silenced while orbax runs (the loggers, and
+    descriptor 2 pointed at /dev/null)."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL + 1)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     try:
         yield
     finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
 
 
 def _one_line(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    text = str(e)
+    if "No space left on device" in text or getattr(e, "errno", None) == errno.ENOSPC:  # tensorstore's too
+        return "No space left on device"
+    first = (text.strip().splitlines() or [""])[0][:300]
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 

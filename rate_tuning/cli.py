@@ -40,6 +40,7 @@ devices; on GPU each process uses the GPUs it sees (restrict them with ``CUDA_VI
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -67,7 +68,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     return code
 
 
-class _Signals:
+class SignalPolicy:
     """The one signal policy: SIGINT and SIGTERM, at any moment, end the process at once with one line and
     exit status 130 / 143 (:func:`main` installs it first thing and restores the old handlers on return)."""
 
@@ -75,7 +76,7 @@ class _Signals:
         self.workdir: str | None = None
         self.old = {}
 
-    def install(self) -> "_Signals":
+    def install(self) -> "SignalPolicy":
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.old[sig] = signal.signal(sig, self.handle)
         return self
@@ -158,14 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3, 130 or 143)."""
-    signals = _Signals().install()
+    signals = SignalPolicy().install()
+    asyncio_logger = logging.getLogger("asyncio")  # orbax's failed writes: "Task exception was never retrieved"
+    level = asyncio_logger.level
+    asyncio_logger.setLevel(logging.CRITICAL + 1)
     try:
         return _main(argv, signals)
     finally:
+        asyncio_logger.setLevel(level)
         signals.restore()
 
 
-def _main(argv: list[str] | None, signals: _Signals) -> int:
+def _main(argv: list[str] | None, signals: SignalPolicy) -> int:
     try:
         args, extra = build_parser().parse_known_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (already printed)
@@ -243,5 +248,18 @@ def _main(argv: list[str] | None, signals: _Signals) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``rate-tuning`` command: :func:`main`, then the exit. What the process has to say is said by then
+    (one line on an error); descriptor 2 is then pointed at /dev/null, so that what library threads print
+    while the interpreter shuts down (e.g. tensorstore's callbacks into a closed asyncio loop after a full
+    disk) cannot add to it."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -200,9 +200,11 @@ def prepare(config: Config, workdir: str, *, resume: bool, devices: int | None) 
     ckdir = os.path.join(workdir, rundir.CHECKPOINTS_DIR)
     try:
         configs.validate(config)
+        if lead:
+            (rundir.check_resumable if resume else rundir.check_path)(workdir)
+            if os.path.isdir(workdir):  # locked before reading: no other run writes while we read
+                lock = rundir.RunLock(workdir).acquire()
         if lead and resume:
-            rundir.check_resumable(workdir)
-            lock = rundir.RunLock(workdir).acquire()  # before reading: no other run writes while we read
             found = ckpt.latest_valid(ckdir, warn=notices.append)
             diff = rundir.config_differences(found.meta.get("config", {}), config)
             if diff:
@@ -229,7 +231,7 @@ def prepare(config: Config, workdir: str, *, resume: bool, devices: int | None) 
                 raise ckpt.CheckpointError(f"checkpoint {ckpt.step_name(found.step)} holds another PRNG key "
                                            f"than seed {config.seed} gives")
             rundir.check_metrics_match(os.path.join(workdir, rundir.METRICS_FILE), config, found.step)
-        elif lead:  # a new run: its directory, locked, checked again under the lock
+        elif lead and lock is None:  # a new run in a new directory: created, locked, checked again
             created = rundir.make_workdir(workdir)
             lock = rundir.RunLock(workdir).acquire()
             rundir.check_new_workdir(workdir)
