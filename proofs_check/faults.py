@@ -321,13 +321,20 @@ def _gd_constants_div10():
     return [(gd, "gd_constants", faulty)]
 
 
-@fault("smoothness-bound/10", "proofs_check.checks.gd.multi_group_bounds",
-       "the analytic smoothness bound L^ww of the GD problem divided by 10", ("C14",), kind="theory")
+@fault("smoothness-bound/10", "proofs_check.checks.gd.multi_group_bounds, rayleigh_bounds",
+       "the analytic smoothness bound L^ww of the GD problems divided by 10", ("C14",), kind="theory")
 def _smoothness_div10():
     gd = _mod("proofs_check.checks.gd")
-    original = gd.multi_group_bounds
-    return [(gd, "multi_group_bounds",
-             lambda *a, **kw: dataclasses.replace(original(*a, **kw), L_ww=original(*a, **kw).L_ww / 10))]
+    patches = []
+    for name in ("multi_group_bounds", "rayleigh_bounds"):
+        original = getattr(gd, name)
+
+        def faulty(*a, _original=original, **kw):
+            bd = _original(*a, **kw)
+            return dataclasses.replace(bd, L_ww=bd.L_ww / 10)
+
+        patches.append((gd, name, faulty))
+    return patches
 
 
 @fault("lr-g-threshold-x2", "proofs_check.checks.gd._lr_g",

@@ -980,10 +980,11 @@ def _i3_dense_validation(prob, labels, sampler, key, C, n_steps: int, points: in
     names, w_masks, g_mask = curvature.si_group_masks(jax.eval_shape(sampler, key), labels)
     masks = [np.asarray(ravel_pytree(m)[0]) > 0 for m in w_masks + [g_mask]]
     worst, where = 0.0, None
+    point = jax.jit(lambda k: curvature.unit_normalize(sampler(k), labels))
+    unravel = ravel_pytree(point(key))[1]
+    hessian = jax.jit(jax.hessian(lambda x: prob.loss(unravel(x))))   # compiled once for every point
     for p in range(points):
-        params = curvature.unit_normalize(sampler(jax.random.fold_in(key, p)), labels)
-        flat, unravel = ravel_pytree(params)
-        H = np.asarray(jax.hessian(lambda x: prob.loss(unravel(x)))(flat), np.float64)
+        H = np.asarray(hessian(ravel_pytree(point(jax.random.fold_in(key, p)))[0]), np.float64)
         n = H.shape[0]
         tol = 2 * gamma(n * n, "float64") * float(np.linalg.norm(H, 2))
         m = len(names)

@@ -777,6 +777,31 @@ def measure_record(claim_id: str, S: dict) -> Evidence:
                              "tolerance_formula": "|x - y| <= 2 a e + e^2 + 3 gamma_n a^2, e = 32 gamma_4d ||A||"})
 
 
+def curvature_record(claim_id: str, S: dict) -> Evidence:
+    """The one-step inequality behind I4 with the analytic constant of the slack problem (no ``g``):
+    ``L_{t+1} - L_t + rho_t a_t^2 <= (Lambda / 2) rho_t^2 a_t^2`` (Taylor on the unit sphere, I2/I3), as the
+    worst ratio of the left side to the right over the steps where the right side exceeds ``1e3`` times the
+    round-off of a loss difference (``2 gamma_n M_abs``). The Rayleigh quotient's curvature along the step
+    reaches a fair part of ``Lambda = 2 (lambda_max - lambda_min)``, so a ``Lambda`` 10x too small fails.
+    Tolerance: that round-off over the right side (<= 1e-3)."""
+    bd = S["bounds"]
+    tol_L = 2 * bd.loss_tolerance()
+    worst, where = -math.inf, None
+    for r in S["runs"]:
+        a2, L, rho = r["a2"][:-1], r["L"], r["lr_w"] / r["ws"][:-1]
+        rhs = 0.5 * bd.L_ww * rho**2 * a2
+        ok = rhs > 1e3 * tol_L
+        ratio = np.where(ok, (L[1:] - L[:-1] + rho * a2) / np.where(ok, rhs, 1.0), -np.inf)
+        j = int(np.argmax(ratio))
+        if ratio[j] > worst:
+            worst, where = float(ratio[j]), (r, j)
+    r, j = where
+    return Evidence(claim_id, f"{_slack_setting(S, r)}: max_t (L_t+1 - L_t + rho_t a_t^2) / (Lambda/2 rho_t^2 a_t^2) "
+                              f"with the analytic Lambda = {bd.L_ww:g} (the curvature term of I3/I4)", worst, 1.0, "<=",
+                    1e-3, "float64", "none", details={"step": j, "Lambda": bd.L_ww,
+                                                      "tolerance_formula": "2 gamma_n M_abs / rhs <= 1e-3"})
+
+
 MAX_SLACK = 3.0
 """Largest slack (bound / measured) allowed on the tight problem: below 10, so a constant 10x too small fails."""
 
@@ -1253,6 +1278,7 @@ def check_c14(settings: dict) -> list[Evidence]:
                             details={"per_lr_w": per}))
     with x64():
         out += slack_records("C14", _slack_program(settings["program"]), "Delta")
+        out.append(curvature_record("C14", _slack_program(settings["program"])))
     curves = {}
     for run in main:
         if abs(np.log10(run.lr_w) % 2) < 1e-9:
