@@ -71,6 +71,21 @@ def _reduction_length(eqn) -> int:
     return 1
 
 
+_EXACT = {"reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
+          "dynamic_update_slice", "concatenate", "pad", "gather", "select_n", "rev", "copy", "copy_p", "iota",
+          "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "stop_gradient", "max", "min", "abs", "neg",
+          "sign", "reduce_max", "reduce_min", "argmax", "argmin", "reduce_precision", "clamp", "sort"}
+"""Primitives that never round (their outputs are some of their inputs' values, rearranged or compared)."""
+
+
+def _widening(eqn) -> bool:
+    """A ``convert_element_type`` to a type at least as precise as its input (float32 -> float64): exact."""
+    if eqn.primitive.name != "convert_element_type":
+        return False
+    a, b = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+    return jnp.issubdtype(a, jnp.floating) and jnp.issubdtype(b, jnp.floating) and np.finfo(b).eps <= np.finfo(a).eps
+
+
 def _inexact(v) -> bool:
     dtype = getattr(getattr(v, "aval", None), "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact) and not hasattr(v, "val")
@@ -92,8 +107,8 @@ def _budget(jaxpr) -> float:
             repeat = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
             total += repeat * sum(_budget(s) for s in subs)
             continue
-        if not any(_inexact(v) for v in eqn.invars):
-            continue  # built from integers, booleans and constants only (masks, iota): exact
+        if not any(_inexact(v) for v in eqn.invars) or eqn.primitive.name in _EXACT or _widening(eqn):
+            continue  # exact: data movement, comparisons, max/min, widening conversions, integer-only inputs
         dtypes = [getattr(getattr(v, "aval", None), "dtype", None) for v in eqn.outvars]
         u = max([np.finfo(d).eps / 2 for d in dtypes if d is not None and jnp.issubdtype(d, jnp.inexact)],
                 default=0.0)
@@ -104,13 +119,15 @@ def _budget(jaxpr) -> float:
 def roundoff_budget(fn: Callable, *args) -> float:
     """``rho = sum_e u_e n_e``: a first-order bound on the relative round-off of any output of ``fn(*args)``.
 
-    Over every equation ``e`` of the jaxpr that the outputs depend on (sub-jaxprs included, ``scan`` bodies times their length, both
-    branches of a ``cond``, a ``while`` body once): ``u_e`` is the unit round-off of the equation's output
-    dtype (0 for integers, and for equations without a floating-point variable among their inputs: masks,
-    ``iota``, conversions of small integers, which are exact) and ``n_e`` its reduction length (contraction length of ``dot_general`` and
-    convolutions, reduced size of ``reduce_*``; 1 for elementwise equations). A sum of ``n`` terms carries
-    a relative error of at most ``gamma_n ~ n u`` (Higham, *Accuracy and Stability*, §3.1); to first order
-    the errors along a dependency path add, and every path is a subset of the equations.
+    Over every equation ``e`` of the jaxpr that the outputs depend on (sub-jaxprs included, ``scan`` bodies
+    times their length, both branches of a ``cond``, a ``while`` body once): ``u_e`` is the unit round-off
+    of the equation's output dtype and ``n_e`` its reduction length (contraction length of ``dot_general``
+    and convolutions, reduced size of ``reduce_sum``; 1 for elementwise arithmetic). Equations that never
+    round count 0: data movement (reshape, slice, gather, select...), comparisons, ``max``/``min``/``abs``/
+    ``neg``, widening conversions (float32 -> float64), and equations without a floating-point variable among
+    their inputs (masks, ``iota``, small integers). A sum of ``n`` terms carries a relative error of at most
+    ``gamma_n ~ n u`` (Higham, *Accuracy and Stability*, §3.1); to first order the errors along a dependency
+    path add, and every path is a subset of the equations.
 
     Example::
 
