@@ -476,14 +476,15 @@ def _eq_setting_line(setting: str, run: dict, steps: int, seed: int, group: str)
             f"(window: the last {steps // 2}), seed {seed}, group {group}, float64")
 
 
-def _eq_curves(setting: str, run: dict, group: str, pred4: float, pred_angle: float) -> dict:
+def _eq_curve(setting: str, run: dict, group: str, what: str, prediction: float) -> dict:
+    """``||w_t||^4`` (``what='norm'``) or the angular update (``'angle'``) per step, with the formula's value."""
     rec = run["rec"]
-    r4 = np.asarray(rec["w_sq"][group], np.float64) ** 2
-    ang = np.asarray(rec["angle"][group], np.float64)
-    return {f"{setting}: ||w_t||^4 ({group})": curve(None, {"||w_t||^4": r4, "formula": np.full_like(r4, pred4)},
-                                                      "step", "||w||^4", logy=True),
-            f"{setting}: angular update ({group})": curve(None, {"angle": ang, "formula": np.full_like(ang, pred_angle)},
-                                                          "step", "angle(w_t, w_t+1) (rad)", logy=True)}
+    if what == "norm":
+        y, label, name = np.asarray(rec["w_sq"][group], np.float64) ** 2, "||w_t||^4", "||w||^4"
+    else:
+        y, label, name = np.asarray(rec["angle"][group], np.float64), "angle", "angle(w_t, w_t+1) (rad)"
+    return {f"{setting}: {label} ({group})": curve(None, {label: y, "formula": np.full_like(y, prediction)}, "step",
+                                                   name, logy=True)}
 
 
 def _c25_records(setting: str, steps: int, seed: int, control: str | None = None) -> list[Evidence]:
@@ -502,9 +503,8 @@ def _c25_records(setting: str, steps: int, seed: int, control: str | None = None
                                  f"alpha = {run['momentum']}")
         elif control:
             details["breaks"] = control
-        if group == next(iter(G.si_groups(run["src"].params, run["src"].labels))) and seed == 0:
-            details["curves"] = _eq_curves(setting, run, group, pred, angular_update_limit(run["eta"], lam,
-                                                                                           run["momentum"]))
+        if seed == 0:
+            details["curves"] = _eq_curve(setting, run, group, "norm", pred)
         line = _eq_setting_line(setting, run, steps, seed, group) + \
             (": time-averaged ||w||^4 vs the formula" + (" without momentum's factor" if control == "momentum" else "")
              + (f" at lambda = {lam:g}" if not run["lam"] else ""))
@@ -527,6 +527,8 @@ def _c26_records(setting: str, steps: int, seed: int, control: str | None = None
             details["breaks"] = f"momentum's factor: sqrt(2 lambda eta) at alpha = {run['momentum']}"
         elif control:
             details["breaks"] = control
+        if seed == 0:
+            details["curves"] = _eq_curve(setting, run, group, "angle", pred)
         line = _eq_setting_line(setting, run, steps, seed, group) + \
             (": RMS angular update vs the formula" + (" without momentum's factor" if control == "momentum" else "")
              + (f" at lambda = {lam:g}" if not run["lam"] else ""))
