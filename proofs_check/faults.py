@@ -357,6 +357,94 @@ def _sgd_bound_div10():
 
 
 # -------------------------------------------------------------------------------------------------------
+# beyond the paper (C24-C27): the optimizer options they use, and the formulas of checks/followups.py
+# -------------------------------------------------------------------------------------------------------
+
+
+@fault("weight-decay-x1.1", "rate_tuning.optim.two_rate_sgd",
+       "the coupled weight decay applied as 1.1 lambda", ("C24", "C25", "C26"))
+def _weight_decay_x11():
+    return _wrap_two_rate(lambda lr_w, lr_g, kw: (lr_w, lr_g, dict(kw, weight_decay=1.1 * kw.get("weight_decay", 0.0))))
+
+
+@fault("momentum-dampened", "rate_tuning.optim.two_rate_sgd",
+       "heavy-ball momentum as an average (buffer <- m buffer + (1 - m) g: the rates times 1 - m)",
+       ("C24", "C25", "C26"))
+def _momentum_dampened():
+    def scale(lr, k):
+        return (lambda count: k * lr(count)) if callable(lr) else k * lr
+
+    def transform(lr_w, lr_g, kw):
+        k = 1.0 - (kw.get("momentum") or 0.0)
+        return scale(lr_w, k), scale(lr_g, k), kw
+
+    return _wrap_two_rate(transform)
+
+
+@fault("projection-drift", "rate_tuning.optim.project_si_groups",
+       "the sphere projection rescales to 1.01 times the pre-step norm (the effective rate decays)", ("C27",))
+def _projection_drift():
+    optim = _mod("rate_tuning.optim")
+    G = _mod("rate_tuning.groups")
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def drifting(labels):
+        def update(updates, state, params=None):
+            new = jax.tree_util.tree_map(lambda w, u: w + u, params, updates)
+            old_sq, new_sq = G.group_sq_norms(params, labels), G.group_sq_norms(new, labels)
+            projected = G.scale_groups(new, labels, {k: 1.01 * jnp.sqrt(old_sq[k] / new_sq[k]) for k in old_sq})
+            return jax.tree_util.tree_map(lambda p, w: p - w, projected, params), state
+
+        return optax.GradientTransformation(lambda params: optim.ProjectState(), update)
+
+    return [(optim, "project_si_groups", drifting)]
+
+
+@fault("exp-lr-momentum-free-root", "proofs_check.checks.followups.exp_lr_alpha",
+       "the exponential schedule's alpha = 1 - eta lambda also with momentum (the root of Li & Arora's quadratic "
+       "ignored)", ("C24",), kind="theory")
+def _exp_lr_root():
+    followups = _mod("proofs_check.checks.followups")
+    import math
+    return [(followups, "exp_lr_alpha", lambda eta, lam, momentum=0.0: (1.0 - eta * lam, math.log1p(-eta * lam)))]
+
+
+@fault("equilibrium-factor-2-dropped", "proofs_check.checks.followups.equilibrium_norm4",
+       "the equilibrium ||w||^4 without its factor 1/(2 - eta lambda/(1 + alpha))", ("C25",), kind="theory")
+def _equilibrium_factor():
+    followups = _mod("proofs_check.checks.followups")
+    original = followups.equilibrium_norm4
+    def faulty(eta, lam, L, momentum=None):
+        return original(eta, lam, L, momentum) * (2.0 - eta * lam / (1.0 + (momentum or 0.0)))
+
+    return [(followups, "equilibrium_norm4", faulty)]
+
+
+@fault("angular-update-without-2", "proofs_check.checks.followups.angular_update_limit",
+       "the angular update sqrt(lambda eta / (1 + alpha)) (the factor 2 dropped)", ("C26",), kind="theory")
+def _angular_without_2():
+    followups = _mod("proofs_check.checks.followups")
+    import math
+    return [(followups, "angular_update_limit",
+             lambda eta, lam, momentum=None: math.sqrt(lam * eta / (1.0 + (momentum or 0.0))))]
+
+
+@fault("regime-thresholds-x10", "proofs_check.checks.followups.classify_regime",
+       "the regime rule's angle thresholds ten times larger (1 and 10 rad)", ("C27",), kind="theory")
+def _regime_thresholds():
+    followups = _mod("proofs_check.checks.followups")
+
+    def faulty(mean_angle):
+        if not mean_angle < 10.0 * followups.ANGLE_NO_TRAINING:
+            return 2
+        return 0 if mean_angle < 10.0 * followups.ANGLE_CONVERGED else 1
+
+    return [(followups, "classify_regime", faulty)]
+
+
+# -------------------------------------------------------------------------------------------------------
 # running: one subprocess per fault
 # -------------------------------------------------------------------------------------------------------
 

@@ -276,7 +276,8 @@ def c24_tolerance(rec: dict, *, eta: float, lam: float, momentum: float | None, 
     e_t = 2 * U64 + kappa * np.cumsum(2 * local + s_max * (delta + 2 * t * nu)) + 2 * (gamma(n, "float64") + 2 * U64)
     tol_dir = float(e_t[-1])
     tol_loss = a_max * tol_dir + 2 * eps_l
-    parts = {"rounding_of_steps": float(kappa * np.sum(2 * local)), "schedule_error": float(kappa * np.sum(s_max * delta)),
+    parts = {"rounding_of_steps": float(kappa * np.sum(2 * local)),
+             "schedule_error": float(kappa * np.sum(s_max * delta)),
              "norm_drift": float(kappa * np.sum(s_max * 2 * t * nu)), "N_grad": n_grad, "N_loss": n_loss,
              "max_intrinsic_grad": a_max, "kappa": kappa}
     return tol_dir, tol_loss, parts
@@ -354,7 +355,8 @@ def _c24_records(setting: str, steps: int) -> list[Evidence]:
 
 @claim(
     "C24",
-    paper_ref="Li & Arora, ICLR 2020 (arXiv 1910.07454), GD and momentum equivalences (their Thms 1.1, 1.2; numbering [R]) [S; D verified]",
+    paper_ref="Li & Arora, ICLR 2020 (arXiv 1910.07454), GD and momentum equivalences (their Thms 1.1, 1.2; "
+              "numbering [R]) [S; D verified]",
     statement="GD with lr eta and coupled weight decay lambda on a scale-invariant loss = weight-decay-free GD with "
               "eta_t = eta alpha^(-2t-1): same directions w_t/||w_t|| and losses at every step (alpha = 1 - eta "
               "lambda; with momentum gamma, the larger root of x^2 - (1 + gamma - eta lambda) x + gamma)",
@@ -464,7 +466,8 @@ def _eq_stats(run: dict, group: str) -> dict:
     ang = _window(rec["angle"][group], steps)
     blocks = np.sqrt(np.mean(ang[: len(ang) // BLOCKS * BLOCKS].reshape(BLOCKS, -1) ** 2, axis=1))
     return {"r4_mean": float(r4.mean()), "r4_sd": float(r4.std()), "L": float(L.mean()),
-            "L_source": "closed form E||grad F_z(V)||^2" if "noise" in rec else "measured r^2 ||g||^2 of the applied gradient",
+            "L_source": ("closed form E||grad F_z(V)||^2" if "noise" in rec
+                         else "measured r^2 ||g||^2 of the applied gradient"),
             "r4_halves": [float(r4[: len(r4) // 2].mean()), float(r4[len(r4) // 2:].mean())],
             "angle_rms": float(np.sqrt(np.mean(ang**2))), "angle_mean": float(ang.mean()), "angle_sd": float(ang.std()),
             "angle_block_rms": blocks.tolist(), "angle_band": float(2 * blocks.std(ddof=1)), "window": len(r4)}
@@ -662,7 +665,8 @@ def _regime_sweep(n: int, width: int, steps: int, rates: tuple[float, ...], proj
         frozen = {k: v for k, v in src.params.items() if k == "classifier"}
         stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[{**d, **frozen} for d in draws])
         rand = np.asarray(jax.jit(jax.vmap(src.loss))(stacked))
-    return {"loss": np.asarray(loss, np.float64), "angle": np.asarray(angle, np.float64), "random_loss": float(rand.mean()),
+    return {"loss": np.asarray(loss, np.float64), "angle": np.asarray(angle, np.float64),
+            "random_loss": float(rand.mean()),
             "random_loss_sd": float(rand.std()), "src": src}
 
 
@@ -689,7 +693,8 @@ def _boundaries(stats: list[dict]) -> dict:
         lo = [s["rate"] for s in stats if s["regime"] == a]
         hi = [s["rate"] for s in stats if s["regime"] == b]
         if lo and hi:
-            out[f"{REGIMES[a]} -> {REGIMES[b]}"] = {"between": [max(lo), min(hi)], "estimate": math.sqrt(max(lo) * min(hi))}
+            out[f"{REGIMES[a]} -> {REGIMES[b]}"] = {"between": [max(lo), min(hi)],
+                                                    "estimate": math.sqrt(max(lo) * min(hi))}
     return out
 
 
