@@ -23,7 +23,7 @@ def _fashion_available() -> bool:
 
 @pytest.mark.parametrize("cid", CLAIMS)
 def test_claim_holds(evidence, cid):
-    assert_claim_holds(evidence(cid), cid, dtypes=("float32",), tolerance_positive=False, finite=False)
+    assert_claim_holds(evidence(cid), cid, dtypes=("float32", "float64"), tolerance_positive=False, finite=False)
 
 
 def test_c22_trains_for_every_lr(evidence):
