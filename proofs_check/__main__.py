@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", metavar="IDS", help="comma-separated claim ids, e.g. C1,C4 (default: all)")
     p.add_argument("--out", metavar="DIR", default="report", help="report directory (default: report/)")
     p.add_argument("--list", action="store_true", help="list the claims and exit")
+    p.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="check the claims that hold for any network (C1, C2, C4, C5, C21) on this model, with the "
+                        "groups its audit finds; FACTORY() returns (model, variables, batch) for flax linen or "
+                        "(model, batch) for NNX (rate_tuning.targets)")
     p.add_argument("--faults", action="store_true",
                    help="run each claim under the faults it names (proofs_check.faults) and write the kill matrix")
     return p
@@ -93,6 +97,11 @@ def _run_faults(ids: list[str], args, argv) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.model is not None:  # a user's model: its own claims and report (proofs_check.model_claims)
+        from proofs_check import model_claims
+
+        command = " ".join(["python -m proofs_check", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+        return model_claims.main(args.model, claims=args.claims, out=args.out, quick=args.quick, command=command)
     registry = C.load_all()
     if args.list:
         for c in registry.values():
