@@ -161,13 +161,20 @@ def _cos(case, labels, lam=0.0) -> tuple[float, int]:
 
 
 def _variant_as_si(case):
-    """The channel labels with the first scale-variant leaf (non-zero gradient) labelled ``'si'``, or None."""
-    _, g = case.grad(case.points[1])
-    flat = G.flatten_labelled(case.points[1], case.layer)
-    for (path, _, lab), gl in zip(flat, jax.tree_util.tree_leaves(g)):
-        if lab.kind == G.VARIANT and np.any(_np(gl)):
-            return path, _relabel(case.layer, case.points[1], {path: G.si("wrongly_si")})
-    return None, None
+    """The layer labels with the scale-variant leaf of largest ``|cos(grad, w)|`` at the generic point
+    labelled ``'si'`` (a leaf with no gradient would not show anything), or ``(None, None)``."""
+    p = case.points[1]
+    _, g = case.grad(p)
+    best, best_cos = None, 0.0
+    for (path, x, lab), gl in zip(G.flatten_labelled(p, case.layer), jax.tree_util.tree_leaves(g)):
+        x, gl = _np(x), _np(gl)
+        den = math.sqrt(float(np.sum(x * x)) * float(np.sum(gl * gl)))
+        cos = abs(float(np.sum(x * gl))) / den if den > 0 else 0.0
+        if lab.kind == G.VARIANT and cos > best_cos:
+            best, best_cos = path, cos
+    if best is None:
+        return None, None
+    return best, _relabel(case.layer, p, {best: G.si("wrongly_si")})
 
 
 C1_CONTROLS = ("weight decay lam/2 ||theta||^2 in the loss", "a scale-variant leaf labelled 'si'",
