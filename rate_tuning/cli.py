@@ -74,9 +74,12 @@ class SignalPolicy:
 
     def __init__(self):
         self.workdir: str | None = None
+        self.err_fd = 2  # install() points it at a copy of stderr: fd 2 may be silenced while orbax saves
         self.old = {}
+        self.write, self.exit = os.write, os._exit  # bound now: usable while the interpreter shuts down
 
     def install(self) -> "SignalPolicy":
+        self.err_fd = os.dup(2)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.old[sig] = signal.signal(sig, self.handle)
         return self
@@ -84,6 +87,9 @@ class SignalPolicy:
     def restore(self) -> None:
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+        if self.err_fd != 2:
+            os.close(self.err_fd)
+            self.err_fd = 2
 
     def hint(self) -> str:
         workdir = self.workdir
@@ -100,12 +106,16 @@ class SignalPolicy:
         return "nothing was saved"
 
     def handle(self, signum, frame) -> None:
+        code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED
         what = "interrupted" if signum == signal.SIGINT else "terminated"
-        line = f"{PROG}: {what} ({self.hint()})\n".encode("utf-8", "backslashreplace")
         try:
-            os.write(2, line)
+            line = f"{PROG}: {what} ({self.hint()})\n"
+        except BaseException:  # noqa: BLE001 -- e.g. during interpreter shutdown: still one line
+            line = f"{PROG}: {what}\n"
+        try:
+            self.write(self.err_fd, line.encode("utf-8", "backslashreplace"))
         finally:
-            os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
+            self.exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3, 130 or 143)."""
+    """Entry point of ``rate-tuning``; returns the exit status (module docstring: 0, 1, 2, 3, 130 or 143).
+
+    The signal policy and the quieted asyncio logger hold while it runs and are restored on return (so a
+    caller, e.g. a test, gets its own handlers back); :func:`run`, the command, keeps them to the end."""
     signals = SignalPolicy().install()
     asyncio_logger = logging.getLogger("asyncio")  # orbax's failed writes: "Task exception was never retrieved"
     level = asyncio_logger.level
@@ -249,16 +262,23 @@ def _main(argv: list[str] | None, signals: SignalPolicy) -> int:
 
 
 def run() -> None:
-    """The ``rate-tuning`` command: :func:`main`, then the exit. What the process has to say is said by then
-    (one line on an error); descriptor 2 is then pointed at /dev/null, so that what library threads print
-    while the interpreter shuts down (e.g. tensorstore's callbacks into a closed asyncio loop after a full
-    disk) cannot add to it."""
-    code = main()
+    """The ``rate-tuning`` command: :func:`main`'s work, then the process ends at once with its status.
+
+    The signal policy stays installed to the last instruction, and the interpreter's own shutdown is
+    skipped (``os._exit`` after flushing, and after the distributed runtime's shutdown barrier when the
+    process joined one): Python's shutdown resets signal handlers, so a signal then would end the process
+    without its line, and library threads (e.g. tensorstore's callbacks after a full disk) print
+    tracebacks while it runs. What the process had to say is said by then."""
+    signals = SignalPolicy().install()  # never restored
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    code = _main(None, signals)
+    if "jax" in sys.modules:
+        from rate_tuning import parallel
+
+        parallel.distributed_shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,14 @@ def distributed_initialize(coordinator: str, num_processes: int, process_id: int
         raise
 
 
+def distributed_shutdown() -> None:
+    """``jax.distributed.shutdown()`` if this process joined a distributed run (its shutdown barrier), else
+    nothing; for a process about to end without the interpreter's own clean-up."""
+    from jax._src import distributed as _distributed  # no public "is initialized" yet
+    if getattr(_distributed.global_state, "client", None) is not None:
+        jax.distributed.shutdown()
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Process 0 serves the coordination service on ``port`` of every interface: is it free?"""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
