@@ -267,7 +267,7 @@ def label_records(claim_id: str, preset: str, s: dict) -> list[Evidence]:
             what = "the preset's labels" if control is None else "bn_out's (gamma, beta) labelled 'si'"
             out.append(Evidence(claim_id, f"{m.model} on {m.dataset}, first mini-batch, float64: "
                                           f"rate_tuning.groups.verify_labels on {what} (label errors)", float(n), 0.0,
-                                "<=", 0.0, "float64", "exact", negative_control=control is not None,
+                                "<=", 0.5, "float64", "exact", negative_control=control is not None,
                                 details={"message": msg, **({"breaks": control} if control else {})}))
     return out
 
