@@ -251,9 +251,13 @@ def from_nnx(model, batch, *, loss: Callable | None = None, frozen: Sequence[str
 def nnx_labels(labels):
     """A label tree from :meth:`AuditResult.labels` of an NNX model as an ``nnx.State``, the form
     ``nnx.Optimizer(model, two_rate_sgd(nnx_labels(labels), ...), wrt=nnx.Param)`` takes."""
+    import warnings
+
     from flax import nnx
 
-    return nnx.State(labels)
+    with warnings.catch_warnings():  # flax 0.12 announces a dict-based State; nnx.Optimizer still wants this
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return nnx.State(labels)
 
 
 def target(obj, name: str = "model") -> Target:
@@ -289,17 +293,14 @@ def target(obj, name: str = "model") -> Target:
     return from_linen(model, variables, batch, name=name, **kw)
 
 
-def load_factory(spec: str) -> Target:
-    """Import ``MODULE:FACTORY`` (``MODULE`` dotted, importable from the current directory, or a ``.py``
-    path), call the factory and return its :class:`Target`; every failure is an :class:`AuditError`."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise AuditError(f"expected MODULE:FACTORY, got {spec!r}")
+def import_module(name: str):
+    """The module ``name``: a dotted name importable from the current directory, or a path to a ``.py`` file
+    (imported once, under a name made from its absolute path). Failures are :class:`AuditError`."""
     try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            if not os.path.isfile(module_name):
-                raise AuditError(f"no file {module_name}")
-            path = os.path.abspath(module_name)
+        if name.endswith(".py") or os.sep in name:
+            if not os.path.isfile(name):
+                raise AuditError(f"no file {name}")
+            path = os.path.abspath(name)
             key = "audit_file_" + "".join(ch if ch.isalnum() else "_" for ch in path)
             module = sys.modules.get(key)
             if module is None:
@@ -311,14 +312,23 @@ def load_factory(spec: str) -> Target:
                 except BaseException:
                     del sys.modules[key]
                     raise
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
+            return module
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return importlib.import_module(name)
     except AuditError:
         raise
     except Exception as e:  # ImportError, SyntaxError, whatever the module raises at import
-        raise AuditError(f"cannot import {module_name}: {type(e).__name__}: {e}") from None
+        raise AuditError(f"cannot import {name}: {type(e).__name__}: {e}") from None
+
+
+def load_factory(spec: str) -> Target:
+    """Import ``MODULE:FACTORY`` (:func:`import_module`), call the factory and return its :class:`Target`;
+    every failure is an :class:`AuditError`."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise AuditError(f"expected MODULE:FACTORY, got {spec!r}")
+    module = import_module(module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise AuditError(f"{module_name} has no callable {attr!r}")
