@@ -43,6 +43,8 @@ def test_curves_follow_the_report_convention(evidence):
         for c in curves:
             assert CURVE_KEYS <= set(c)
             check_curve(c)
+            if c["xlabel"] == "step":  # per-step curves span the run, not the number of series
+                assert c["x"][-1] >= 999, (cid, c["ylabel"], c["x"][-1])
 
 
 def test_c24_is_round_off_and_its_tolerance_is_far_below_the_controls(evidence):

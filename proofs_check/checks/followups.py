@@ -358,7 +358,7 @@ def _c24_records(setting: str, control: str | None = None) -> list[Evidence]:
             details["breaks"] = breaks
         if what in ("claim", "off-by-one"):
             details["curves"] = {f"{setting}: distance of the directions ({what})": curve(
-                None, {"direction": magnitude(dist), "loss": magnitude(dloss),
+                np.arange(steps), {"direction": magnitude(dist), "loss": magnitude(dloss),
                        "twin (dynamics alone)": magnitude(twin)},
                 "step", "|w_t/||w_t|| - w~_t/||w~_t|||, |L - L~| / max(|L|, 1)", logy=True)}
         label = base
@@ -525,8 +525,8 @@ def _eq_curve(setting: str, run: dict, group: str, what: str, prediction: float)
         y, label, name = np.asarray(rec["w_sq"][group], np.float64) ** 2, "||w_t||^4", "||w||^4"
     else:
         y, label, name = np.asarray(rec["angle"][group], np.float64), "angle", "angle(w_t, w_t+1) (rad)"
-    return {f"{setting}: {label} ({group})": curve(None, {label: y, "formula": np.full_like(y, prediction)}, "step",
-                                                   name, logy=True)}
+    series = {label: y, "formula": np.full_like(y, prediction)}
+    return {f"{setting}: {label} ({group})": curve(np.arange(len(y)), series, "step", name, logy=True)}
 
 
 def _c25_records(setting: str, steps: int, seed: int, control: str | None = None) -> list[Evidence]:
@@ -762,7 +762,8 @@ def _c27_records(n: int, width: int, steps: int, rates: tuple[float, ...], proje
     if project:
         picks = sorted({regimes.index(r) for r in set(regimes)})
         details["curves"]["loss per step, first rate of each regime"] = curve(
-            None, {f"rate {rates[i]:.3g} ({REGIMES[regimes[i]]})": sweep["loss"][i] for i in picks}, "step",
+            np.arange(steps), {f"rate {rates[i]:.3g} ({REGIMES[regimes[i]]})": sweep["loss"][i] for i in picks},
+            "step",
             "training loss", logy=True)
     what = ("projected GD (every output channel renormalised to norm 1 after each step: the effective rate is the "
             "rate)" if project else "plain GD from the same unit-norm weights (no projection: the effective rate "
