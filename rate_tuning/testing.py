@@ -85,6 +85,14 @@ def _where(params, labels) -> dict[str, str]:
     return {name: f"{', '.join(paths)} (group {name!r})" for name, paths in G.si_groups(params, labels).items()}
 
 
+def _nonzero(what: str, params, labels) -> None:
+    """A group that is zero at the given point makes every check vacuous: refuse it."""
+    zero = [name for name, v in G.group_sq_norms(params, labels).items() if not np.any(np.asarray(v) > 0)]
+    if zero:
+        raise AssertionError(f"{what}: group(s) {', '.join(repr(z) for z in zero)} are zero at the given parameters, "
+                             "so nothing can be checked; test at a point where they are not (e.g. after a few steps)")
+
+
 def _fail(what: str, lines: list[str]) -> None:
     if lines:
         raise AssertionError(f"{what}: " + "; ".join(lines))
@@ -104,6 +112,7 @@ def assert_scale_invariant(loss: Callable, params, groups, *, scales: Sequence[f
     with _precision(x64):
         params = _cast(params, x64)
         labels = _labels(params, groups)
+        _nonzero("assert_scale_invariant", params, labels)
         f = jax.jit(loss)
         base = float(f(params))
         if not math.isfinite(base):
@@ -136,6 +145,7 @@ def assert_gradient_orthogonal(loss: Callable, params, groups, *, rtol: float | 
     with _precision(x64):
         params = _cast(params, x64)
         labels = _labels(params, groups)
+        _nonzero("assert_gradient_orthogonal", params, labels)
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         tol = 2 * roundoff_budget(jax.value_and_grad(loss), params) if rtol is None else float(rtol)
         eps = float(np.finfo(np.dtype(_dtype_name(params))).eps)
