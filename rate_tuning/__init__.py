@@ -14,6 +14,7 @@ _EXPORTS = {
     "rate_tuning.metrics": ("angular_update", "effective_lr", "group_norms", "intrinsic_grad_sq_norms", "normalize"),
     "rate_tuning.models": ("PRESETS", "batch_loss", "build"),
     "rate_tuning.optim": ("inverse_sqrt", "project_si_groups", "schedule", "two_rate_sgd"),
+    "rate_tuning.projected": ("adamp", "sgdp", "scale_by_adamp", "scale_by_sgdp"),
     "rate_tuning.sweep": ("SweepResult", "bn_problem", "grid", "make_sweep", "minibatch_fn", "run_sweep"),
     "rate_tuning.record": ("step_record", "summarize"),
     "rate_tuning.steps": ("TrainState", "make_eval_step", "make_train_step"),

@@ -170,8 +170,7 @@ def max_pool_2x2(x):
     an equality mask that splits the cotangent evenly between exact ties in a window, instead of XLA's
     ``select-and-scatter`` (the gradient of ``reduce_window``), which gives it all to the first; after a
     ReLU the only ties of any likelihood are zeros, whose gradient the ReLU mask removes anyway. On CPU
-    the mask costs 15 ms forward and backward on a 128x32x32x32 activation against 93 ms
-    (benchmarks/README.md, max-pool).
+    the mask is several times faster (measured in benchmarks/README.md, max-pool).
     """
     n, h, w, c = x.shape
     return jnp.max(x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
@@ -236,8 +235,7 @@ def conv_chunked_kernel_grad(lhs, rhs, window_strides, padding, lhs_dilation=Non
 
     ``grad_K = sum_c grad_K(x_c, dy_c)``: the same sum, taken chunk by chunk. On XLA's CPU backend the
     kernel-gradient convolution (the batch is its reduction axis) slows down per example as the batch
-    grows: at batch 1024 the 8x8x128 -> 128 layer of the vgg took 150 ms per 128 examples against 52 ms in
-    chunks of 128, 16x16x32 -> 32 57 against 20 (benchmarks/README.md, large batches). Forward and input
+    grows (measured in benchmarks/README.md, large batches). Forward and input
     gradient are XLA's own. Written as a ``custom_jvp`` whose kernel tangent is the chunked convolution, so
     JAX's transpose of it is the chunked sum and forward mode (Hessian-vector products) keeps working.
     Takes flax ``nn.Conv``'s call (its ``conv_general_dilated`` attribute).

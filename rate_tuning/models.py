@@ -47,16 +47,15 @@ on other backends. Same parameters, same function: they agree to round-off.
 
 Inside a loop body (``lax.scan``, ``fori_loop``: :mod:`rate_tuning.sweep`, ``proofs_check`` trajectories)
 XLA's CPU backend runs convolutions on a naive kernel (it canonicalises convolution layouts only in the
-entry computation; jax-ml/jax#12868): 3 SGD steps of the default resnet at batch 128 took 20 s in a
-``fori_loop`` against 0.67 s from Python, and 0.59 s in the loop with ``'im2col'``, which has no
-convolution op. :func:`for_loops` makes that choice (:func:`rate_tuning.sweep.bn_problem` applies it)."""
+entry computation; jax-ml/jax#12868), many times slower than from Python, while ``'im2col'`` has no
+convolution op (benchmarks/README.md, loops). :func:`for_loops` makes that choice
+(:func:`rate_tuning.sweep.bn_problem` applies it)."""
 
 
 IM2COL_MAX_IN_CHANNELS = 4
-"""``'auto'`` on CPU computes stride-1 convolutions with at most this many input channels by im2col: for
-vgg's 32x32x3 -> 32 first layer (batch 128, one core, kernel gradient and forward) 23 ms against 35 ms
-chunked and 51 ms with XLA's kernel, and the whole vgg gradient 290 -> 250 ms; for resnet's 3 -> 16 stem
-the three are within noise (14-16 ms). With 16 input channels im2col is 5x slower (156 against 27 ms)."""
+"""``'auto'`` on CPU computes stride-1 convolutions with at most this many input channels by im2col: the
+image's few-channel first layer is faster that way, wider layers are not (measured per layer in
+benchmarks/README.md, few-channel layers)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ tracers through), so every run of a sweep shares one compiled program. Strategie
 * ``'loop'``: a Python loop over runs of one ``jit(run)`` (compiled once, dispatched asynchronously);
 * ``'auto'``: ``'vmap'`` on accelerators, and on CPU when one step of one run costs at most
   :data:`AUTO_VMAP_MAX_FLOPS` (XLA's estimate, :func:`step_flops`), else ``'loop'`` (measured by
-  ``benchmarks/sweep_vmap_vs_loop.py``; see :func:`choose_strategy`).
+  ``benchmarks/studies/sweep_vmap_vs_loop.py``; see :func:`choose_strategy`).
 
 Recorded per run, at steps ``t = 0, k, 2k, ...`` (``k = record_every``), before the step ``t``
 (so a record at ``t`` describes ``theta_t`` and the update ``theta_t -> theta_{t+1}``, as in
@@ -26,7 +26,7 @@ claim C15) are flagged in ``diverged`` and fill their own records with NaN/Inf; 
 unaffected (there is no reduction across runs).
 
 Conv models on CPU: steps run inside ``lax.scan``, where XLA's CPU backend runs convolutions on a naive
-kernel (jax-ml/jax#12868; ~30x slower). :func:`bn_problem` therefore applies the model through
+kernel (jax-ml/jax#12868; many times slower, benchmarks/README.md). :func:`bn_problem` therefore applies the model through
 :func:`rate_tuning.models.for_loops` (``conv_impl='auto'`` becomes ``'im2col'`` on CPU); a hand-written
 ``loss_fn`` should do the same.
 
@@ -69,18 +69,9 @@ AUTO_VMAP_MAX_FLOPS = 3e6
 """``'auto'`` uses ``'vmap'`` on CPU when one step of one run costs at most this many floating-point
 operations (:func:`step_flops`), ``'loop'`` above.
 
-Measured by ``benchmarks/sweep_vmap_vs_loop.py`` (latest run: ``benchmarks/results/sweep_vmap_vs_loop_cpu.json``):
-16 runs, 100 GD steps, BN MLP 64-w-w-10, float32, on the project's 2-core CPU, shared (load 4-13 during the
-runs). vmap/loop wall-clock speed-up over three runs of the whole grid:
-
-* steps of 0.25-2 MFLOP (widths 16-64 at batch 32, width 16 at batch 256): 1.02x-2.9x, never below 1;
-* 4.7 MFLOP (width 128, batch 32): 0.83x, 0.89x, 1.57x (0.95x by CPU time): break-even within the noise;
-* 12-451 MFLOP (width 256-512 at batch 32, widths 64-512 at batch 256): 0.44x-0.97x (one 1.13x at
-  37 MFLOP, 0.87x by CPU time); width 64 at batch 256: 0.69x, 0.88x, 0.44x; width 512: 0.70x-0.97x.
-
-The benchmark's suggestion (geometric mean of the largest win and the smallest loss) was 3e6, 3e6 and 7.6e6;
-the threshold is their median. Parameter count alone does not decide: width 64 wins at batch 32 and loses
-at batch 256.
+Chosen from the measurements of ``benchmarks/studies/sweep_vmap_vs_loop.py`` (recorded in
+``benchmarks/results/sweep_vmap_vs_loop_cpu.json`` and ``benchmarks/README.md``): below it vmap won on the
+project's CPU, above it a loop of one compiled run did; parameter count alone does not decide.
 """
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def choose_strategy(flops: float | None, backend: str | None = None) -> str:
     the device); on CPU, ``'vmap'`` iff ``flops <= AUTO_VMAP_MAX_FLOPS`` (``'loop'`` when unknown). On CPU,
     vmap wins when a step is so small that XLA's per-operation overhead dominates, which it amortises
     over the runs; once a step is compute-bound it loses, because batched matrix products run slower
-    than one product per run (``benchmarks/sweep_vmap_vs_loop.py``).
+    than one product per run (``benchmarks/studies/sweep_vmap_vs_loop.py``).
     """
     backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
@@ -285,7 +276,7 @@ class Sweep:
         self.labels, self.loss_fn, self.init_fn, self.batch_fn = labels, loss_fn, init_fn, batch_fn
         self.full_loss_fn, self.return_params, self.keep_channels = full_loss_fn, return_params, keep_channels
         # init apart from training: jax.jit caches by function, so a sweep with the same init_fn (another
-        # setting, another number of runs) reuses its compiled init (threefry alone compiles for ~0.5 s)
+        # setting, another number of runs) reuses its compiled init
         self._init = jax.jit(init_fn)
         single = self._single_run
         self._compiled = jax.jit(jax.vmap(single) if self.strategy == "vmap" else single)

@@ -113,7 +113,7 @@ def _abs_sum(x) -> float:
     return float(np.sum(np.abs(np.asarray(x, np.float64))))
 
 
-def _sphere_part(A, b, B_norm: float, R_g: float) -> tuple[float, float]:
+def sphere_part(A, b, B_norm: float, R_g: float) -> tuple[float, float]:
     """``(G, L^ww)`` of ``w -> f(w/||w||) + g^T B w/||w||``, ``f(u) = u^T A u + 0.5 sin(b^T u)``, ``||g|| <= R_g``.
 
     On the unit sphere the Euclidean gradient is ``P G`` with ``G = 2 A u + 0.5 cos(b.u) b + B^T g``, so
@@ -135,7 +135,7 @@ def sphere_bounds(prob: problems.Problem) -> Bounds:
     """
     A, b = prob.constants["A"], prob.constants["b"]
     d = A.shape[0]
-    G_w, L_ww = _sphere_part(A, b, 0.0, 0.0)
+    G_w, L_ww = sphere_part(A, b, 0.0, 0.0)
     return Bounds(prob.name, ("w",), L_ww, (0.0,), 0.0, (G_w,), 0.0, float(np.linalg.eigvalsh(A)[0]) - 0.5,
                   _abs_sum(A) + 0.5 + 0.5 * _abs_sum(b), 4 * (d * d + 2 * d), "the whole unit sphere")
 
@@ -172,7 +172,7 @@ def multi_group_bounds(prob: problems.Problem, lr_g: float, g0_norm: float) -> B
     """Bounds for :func:`proofs_check.problems.multi_group` on ``R = {unit SI groups, ||g|| <= R_g}``.
 
     ``R_g`` is :func:`g_radius` (a-priori, needs ``lr_g < 2 / L^gg``). On ``R`` (group ``i``: ``A_i``,
-    ``b_i``, ``B_i``): ``G_i``, ``L^ww_ii`` from :func:`_sphere_part` with the coupling ``B_i^T g``;
+    ``b_i``, ``B_i``): ``G_i``, ``L^ww_ii`` from :func:`sphere_part` with the coupling ``B_i^T g``;
     ``L^ww_ij = 0`` for ``i != j``, so ``Lambda = max_i L^ww_ii``; ``L^gw_i = ||B_i||`` (``H_{g w_i} = B_i P_i``);
     ``L^gg = lambda_max(Q)``; ``G_g = lambda_max(Q) R_g + sum_i ||B_i||``;
     ``L_min >= sum_i (lambda_min(A_i) - 0.5) - (sum_i ||B_i||)^2 / (2 lambda_min(Q))`` (minimise the
@@ -184,7 +184,7 @@ def multi_group_bounds(prob: problems.Problem, lr_g: float, g0_norm: float) -> B
         raise ValueError(f"lr_g = {lr_g} is not below 2 / L_gg = {2 / c['L_gg']}: no bounded region for g")
     q = np.linalg.eigvalsh(c["Q"])
     B_norms = [_op_norm(B) for B in c["B"]]
-    parts = [_sphere_part(A, b, Bn, R_g) for A, b, Bn in zip(c["A"], c["b"], B_norms)]
+    parts = [sphere_part(A, b, Bn, R_g) for A, b, Bn in zip(c["A"], c["b"], B_norms)]
     beta = sum(B_norms)
     groups = tuple(f"w{i}" for i in range(len(c["A"])))
     L_min = sum(float(np.linalg.eigvalsh(A)[0]) - 0.5 for A in c["A"]) - beta**2 / (2.0 * float(q[0]))

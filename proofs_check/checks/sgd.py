@@ -162,12 +162,12 @@ def norm_growth(res: sweep.SweepResult, i: int, Ts: np.ndarray) -> dict[str, np.
 
 def a_priori_gradient_bound(prob: problems.Problem) -> tuple[float, float]:
     """``(G_det, floor)`` for :func:`proofs_check.problems.noisy_sphere_function`, derived before any run:
-    ``||grad L(u)|| <= G_det = 2 ||A|| + 0.5 ||b||`` on the unit sphere (``checks.gd._sphere_part``) and the
+    ``||grad L(u)|| <= G_det = 2 ||A|| + 0.5 ||b||`` on the unit sphere (``checks.gd.sphere_part``) and the
     noise at unit norm ``E||grad F_z(u) - grad L(u)||^2 = sigma^2 (d - 1)`` (:func:`noise_floor`), so
     ``E_z ||grad_w F_z(u)||^2 <= G_det^2 + sigma^2 (d - 1)`` for every unit ``u`` (the noise has mean 0).
     The Gaussian noise has no almost-sure bound; this is the bound in expectation the C16 records use."""
-    from proofs_check.checks.gd import _sphere_part
-    G_det, _ = _sphere_part(prob.constants["A"], prob.constants["b"], 0.0, 0.0)
+    from proofs_check.checks.gd import sphere_part
+    G_det, _ = sphere_part(prob.constants["A"], prob.constants["b"], 0.0, 0.0)
     return float(G_det), noise_floor(prob)[1]
 
 
