@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="report", help="report directory (default: report/)")
     p.add_argument("--list", action="store_true", help="list the claims and exit")
     p.add_argument("--model", metavar="MODULE:FACTORY",
-                   help="check the claims that hold for any network (C1, C2, C4, C5, C21) on this model, with the "
+                   help="check the claims that hold for any network (C1, C2, C4, C5, C21, I3) on this model, with the "
                         "groups its audit finds; FACTORY() returns (model, variables, batch) for flax linen or "
                         "(model, batch) for NNX (rate_tuning.targets)")
     p.add_argument("--faults", action="store_true",

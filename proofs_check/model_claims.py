@@ -10,7 +10,10 @@ train mode, at the given parameters and at a generic point near them (every leaf
   (full-batch GD with a constant rate, and SGD over sub-batches with ``lr / sqrt(t + 1)``);
 * C5  norms never decrease, effective rates ``lr_t / ||w_t||^2`` never increase, along the same runs;
 * C21 per output channel, where the audit found channels invariant: ``|cos|``, the loss under a distinct
-  factor per channel, and the norm identity after one step.
+  factor per channel, and the norm identity after one step;
+* I3  the smoothness measurement, on models with at most :data:`I3_MAX_GROUPS` groups: ``L^ww``, ``L^gw``,
+  ``L^gg`` estimated by Lanczos on the unit set along a GD run, and the one-step descent inequality of the
+  GD proof with them at every step of that run.
 
 Every quantity is computed here from raw parameters and gradients (numpy, float64), never read from the
 library's records. Tolerances: ``rho`` is the round-off budget of the traced program
@@ -19,7 +22,7 @@ and for the gradient relation (two gradients), ``3 gamma_n + 6 u + 2 rho`` for t
 (:func:`proofs_check.numerics.tol_norm_identity` plus the radial part of the computed gradient), ``3 gamma_n +
 6 u`` for a norm that must not decrease. Each claim has negative controls that break one hypothesis: weight
 decay in the loss or the optimizer, momentum, a scale-variant leaf labelled ``'si'``, the almost-invariant
-groups labelled ``'si'``, factors along a kernel's input axis.
+groups labelled ``'si'``, factors along a kernel's input axis, a tenth of the smoothness constants.
 """
 from __future__ import annotations
 
@@ -42,10 +45,10 @@ from rate_tuning import groups as G
 from rate_tuning import optim
 from rate_tuning import targets as T
 
-APPLICABLE = ("C1", "C2", "C4", "C5", "C21")
-QUICK = {"steps": 4, "c_values": (1e-2, 0.5, 3.0, 1e2), "span": 100.0, "weight_decay": 5e-4}
+APPLICABLE = ("C1", "C2", "C4", "C5", "C21", "I3")
+QUICK = {"steps": 4, "c_values": (1e-2, 0.5, 3.0, 1e2), "span": 100.0, "weight_decay": 5e-4, "num_points": 8}
 FULL = {"steps": 20, "c_values": tuple(float(c) for c in np.logspace(-3, 3, 7) if not np.isclose(c, 1.0)),
-        "span": 1000.0, "weight_decay": 5e-4}
+        "span": 1000.0, "weight_decay": 5e-4, "num_points": 48}
 U = unit_roundoff("float64")
 
 
@@ -389,6 +392,67 @@ def check_c21(case: Case, settings: dict) -> list[Evidence]:
     return ev
 
 
+I3_MAX_GROUPS = 6
+"""The smoothness constants need ``m (m + 3) / 2 + 1`` Lanczos runs per point: measured on models with at
+most this many groups."""
+I3_CONTROLS = ("the smoothness constants: 1/10 of the estimated L^ww, L^gw, L^gg",)
+
+
+def check_i3(case: Case, settings: dict) -> list[Evidence]:
+    """The one-step descent inequality of the GD proof (PAPER §4.1, I3) along ``2 steps`` full-batch GD steps,
+    with ``L^ww``, ``L^gw``, ``L^gg`` estimated by Lanczos at unit-normalised points of the run's segments
+    (:func:`proofs_check.curvature.smoothness_constants`; a lower estimate of the sup in A1). Measured:
+    ``max_t (L_{t+1} - RHS_t) / scale_t`` with ``scale_t = |L_t| + |L_{t+1}| + first + second``; tolerance
+    ``4 gamma_N`` (``N`` parameters). A ReLU or max-pool network is only piecewise C^2: the constants are
+    then those of the pieces the samples fall in."""
+    from proofs_check import curvature
+
+    labels = case.layer
+    lr_w, lr_g = _rates(case, labels)
+    steps = 2 * settings["steps"]
+    tx = optim.two_rate_sgd(labels, lr_w, lr_g)
+    p, rows = case.points[1], []
+    state, snaps = tx.init(p), [p]
+    for _ in range(steps):
+        value, g = case.grad(p)
+        ww, gg = _dot(p, p, labels), _dot(g, g, labels)
+        b2 = sum(float(np.sum(_np(y) ** 2)) for (_, _, lab), y in
+                 zip(G.flatten_labelled(p, labels), jax.tree_util.tree_leaves(g)) if lab.kind == G.VARIANT)
+        rows.append({"L": value, "rho": {k: lr_w / float(ww[k]) for k in ww},
+                     "a": {k: math.sqrt(float(ww[k] * gg[k])) for k in ww}, "b": math.sqrt(b2)})
+        updates, state = tx.update(jax.tree_util.tree_map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, updates)
+        snaps.append(p)
+    final = float(case.value(p, case.batch))
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *snaps)
+
+    def sampler(key):
+        kt, ks = jax.random.split(key)
+        t, s = jax.random.randint(kt, (), 0, steps), jax.random.uniform(ks, (), jnp.float64)
+        return jax.tree_util.tree_map(lambda a: a[t] + s * (a[t + 1] - a[t]), stacked)
+
+    C = curvature.smoothness_constants(lambda q: case.loss(q, case.batch), sampler, labels,
+                                       settings["num_points"], jax.random.key(3), lanczos_steps=20)
+    names = list(C.groups)
+    n_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(case.points[0]))
+    ev = []
+    for factor, control in ((1.0, None), (0.1, I3_CONTROLS[0])):
+        Lww, Lgw, Lgg = factor * np.asarray(C.L_ww), factor * np.asarray(C.L_gw), factor * C.L_gg
+        viol = []
+        for t, r in enumerate(rows):
+            ra = np.array([r["rho"][k] * r["a"][k] for k in names])
+            first = sum(r["rho"][k] * r["a"][k] ** 2 for k in names) + lr_g * r["b"] ** 2
+            second = 0.5 * (ra @ Lww @ ra + 2 * lr_g * r["b"] * float(ra @ Lgw) + Lgg * lr_g ** 2 * r["b"] ** 2)
+            nxt = rows[t + 1]["L"] if t + 1 < len(rows) else final
+            viol.append((nxt - r["L"] + first - second) / (abs(r["L"]) + abs(nxt) + first + second))
+        ev.append(_ev("I3", case, f"{steps} GD steps, lr_w = {lr_w:.3g}, lr_g = {lr_g:.3g}, constants x{factor:g} "
+                      f"from {C.num_points} segment points: max_t (L_(t+1) - RHS_t) / scale_t", max(viol),
+                      4 * gamma(n_params, "float64"), control=control, L_ww=np.asarray(C.L_ww).tolist(),
+                      L_gw=np.asarray(C.L_gw).tolist(), L_gg=C.L_gg, groups=names,
+                      steps_violated=int(np.sum(np.asarray(viol) > 4 * gamma(n_params, "float64")))))
+    return ev
+
+
 CLAIMS = {
     "C1": ("Sec. 2 gradient lemma [R]; Lemma 2.4 (1) [Q]", "<grad_{w_i} L, w_i> = 0 for every audited group",
            C1_CONTROLS, check_c1),
@@ -400,15 +464,20 @@ CLAIMS = {
            C5_CONTROLS, check_c5),
     "C21": ("Lemma 2.4 per output channel [D]", "each audited per-channel group: |cos| = 0, invariance under "
             "distinct channel factors, the norm identity", C21_CONTROLS, check_c21),
+    "I3": ("proof of the GD theorem, one-step descent inequality (PAPER §4.1, I3) [D]",
+           "L_{t+1} <= L_t - sum_i rho_i a_i^2 - lr_g b^2 + 1/2 [rho a]^T L^ww [rho a] + ... with the smoothness "
+           "constants measured on the model (A1)", I3_CONTROLS, check_i3),
 }
 
 
 def applicable(case: Case) -> list[str]:
-    """The claims that apply: all but C21 when no group is per channel; none without a group."""
+    """The claims that apply: none without a group; C21 where a group is per channel; I3 (the smoothness
+    measurement) with at most :data:`I3_MAX_GROUPS` groups."""
     if not case.audit.groups:
         return []
     has_channel = any(g.per_channel for g in case.audit.groups)
-    return [c for c in APPLICABLE if c != "C21" or has_channel]
+    return [c for c in APPLICABLE if (c != "C21" or has_channel)
+            and (c != "I3" or len(case.audit.groups) <= I3_MAX_GROUPS)]
 
 
 def run(case: Case, ids, quick: bool = True, on_result: Callable | None = None):
@@ -468,7 +537,8 @@ def main(spec: str, *, claims: str | None = None, out: str = "report", quick: bo
         missing = [c for c in wanted if c not in ids]
         if missing:
             return error(f"claim {', '.join(missing)} does not apply to {case.name}: "
-                         + ("no scale-invariant group" if not ids else "no per-channel group"))
+                         + ("no scale-invariant group" if not ids else
+                            f"no per-channel group, or more than {I3_MAX_GROUPS} groups for I3"))
         ids = wanted
     if not ids:
         print(f"no claim applies to {case.name}: the audit found no scale-invariant group (nothing written)")

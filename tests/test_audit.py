@@ -241,7 +241,7 @@ def test_proofs_check_model_passes_and_controls_are_violated(tmp_path):
     assert model_claims.main(f"{EXAMPLES}:nnx_batchnorm", out=str(out), quick=True) == 0
     ev = json.loads((out / "evidence.json").read_text())
     claims = {c["id"]: c for c in ev["claims"]}
-    assert set(claims) == {"C1", "C2", "C4", "C5", "C21"}
+    assert set(claims) == {"C1", "C2", "C4", "C5", "C21", "I3"}
     records = [r for c in claims.values() for r in c["records"]]
     assert all(r["ok"] for r in records) and sum(r["negative_control"] for r in records) >= 9
     assert all(not r["passed"] for r in records if r["negative_control"])
