@@ -19,7 +19,11 @@ _EXPORTS = {
     "rate_tuning.record": ("step_record", "summarize"),
     "rate_tuning.steps": ("TrainState", "make_eval_step", "make_train_step"),
     "rate_tuning.train": ("create_train_state", "train_and_evaluate"),
+    "rate_tuning.audit": ("AuditResult", "audit_factory", "audit_target", "compare_labels"),
+    "rate_tuning.targets": ("AuditError", "Target", "from_linen", "from_nnx", "load_factory", "nnx_labels"),
 }
+"""(``rate_tuning.audit.audit``, the audit of a model, keeps its module's name: ``from rate_tuning.audit import
+audit``; the assertions are in ``rate_tuning.testing``.)"""
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
