@@ -170,3 +170,45 @@ def test_no_oversized_module():
         if limit is not None and n > limit:
             too_long.append(f"{rel}: {n} lines > {limit}")
     assert too_long == []
+
+
+def test_benchmarks_depend_on_common_and_nothing_on_run():
+    """``benchmarks.common`` imports no other benchmark module; nothing imports ``benchmarks.run``; the
+    studies import only ``common`` and the PyTorch peer."""
+    edges, _ = graph()
+    bench = {a: {b for b in bs if b.startswith("benchmarks.")} for a, bs in edges.items() if a.startswith("benchmarks.")}
+    assert bench["benchmarks.common"] == set()
+    assert [m for m, deps in bench.items() if "benchmarks.run" in deps] == []
+    for m, deps in bench.items():
+        if m.startswith("benchmarks.studies."):
+            assert deps <= {"benchmarks.common", "benchmarks.torch_reference", "benchmarks.studies"}, (m, deps)
+
+
+def test_lazy_imports_count_as_edges(tmp_path):
+    """Control: an import inside a function is an edge (a deferred import still closes a cycle)."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "run.py").write_text("def main():\n    from pkg import study\n")
+    (tmp_path / "pkg" / "study.py").write_text("def f():\n    from pkg.run import main\n")
+    modules = {"pkg": tmp_path / "pkg" / "__init__.py", "pkg.run": tmp_path / "pkg" / "run.py",
+               "pkg.study": tmp_path / "pkg" / "study.py"}
+    sys.modules[__name__].ROOT, root = tmp_path, ROOT
+    try:
+        edges = {name: imports_of(path, modules)[0] for name, path in modules.items()}
+    finally:
+        sys.modules[__name__].ROOT = root
+    edges = {a: {b for b in bs if not is_package_init_edge(a, b)} for a, bs in edges.items()}
+    assert cycles(edges) == [["pkg.run", "pkg.study"]]
+
+
+def test_the_benchmarks_readme_names_only_results_that_exist():
+    """``benchmarks/README.md`` points only at files kept in ``benchmarks/results`` (``results/NAME.json``,
+    ``results/NAME.{json,md}``, or a ``NAME`` in the table of kept records)."""
+    import re
+
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    kept = {p.name for p in (ROOT / "benchmarks" / "results").iterdir()}
+    named = {m.group(1) + (m.group(2) or "") for m in re.finditer(r"results/([\w-]+)(\.json|\.md)?", text)}
+    named |= set(re.findall(r"^\| `([\w-]+(?:\.json)?)` \| [^|]*(?:host|EPYC|CPUs)", text, re.M))
+    missing = sorted(n for n in named if not (n in kept or f"{n}.json" in kept or f"{n}.md" in kept))
+    assert len(named) >= 8 and missing == []
