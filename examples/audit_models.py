@@ -74,7 +74,8 @@ class TransformerBlock(nn.Module):
         ln = lambda name: nn.LayerNorm(epsilon=self.epsilon, name=name)  # noqa: E731
         mask = nn.make_causal_mask(tokens)
         attn = lambda h: nn.MultiHeadDotProductAttention(self.heads, name="attn")(h, mask=mask)  # noqa: E731
-        mlp = lambda h: nn.Dense(self.width, name="mlp_out")(nn.relu(nn.Dense(self.hidden, name="mlp_in")(h)))  # noqa: E731
+        mlp = lambda h: nn.Dense(self.width, name="mlp_out")(  # noqa: E731
+            nn.relu(nn.Dense(self.hidden, name="mlp_in")(h)))
         if self.pre_norm:
             x = x + attn(ln("ln1")(x))
             x = ln("ln_f")(x + mlp(ln("ln2")(x)))

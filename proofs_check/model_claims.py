@@ -370,13 +370,15 @@ def check_c21(case: Case, settings: dict) -> list[Evidence]:
                if np.ndim(v) == 1}
     base = float(case.value(p, case.batch))
     change = abs(float(case.value(_scale(p, labels, factors), case.batch)) - base) / max(abs(base), 1.0)
-    ev.append(_ev("C21", case, f"a distinct factor in [1/{span:g}, {span:g}] per channel, |L(D w) - L(w)| / max(|L|, 1)",
+    ev.append(_ev("C21", case, f"a distinct factor in [1/{span:g}, {span:g}] per channel, "
+                  "|L(D w) - L(w)| / max(|L|, 1)",
                   change, tol_l))
     n_max = _largest_group(p, labels)
     lr_w, lr_g = _rates(case, labels)
     for lam, control in ((0.0, None), (0.1 / lr_w, C21_CONTROLS[1])):
         run = _run(case, labels, optim.two_rate_sgd(labels, lr_w, lr_g, weight_decay=lam), lambda t: lr_w, 1, None)
-        ev.append(_ev("C21", case, f"one step, lr_w = {lr_w:.3g}" + (f", weight decay {lam:.3g}; control" if lam else "")
+        ev.append(_ev("C21", case, f"one step, lr_w = {lr_w:.3g}"
+                      + (f", weight decay {lam:.3g}; control" if lam else "")
                       + ", per-channel norm identity", _identity(run), tol_norm_identity(n_max, "float64") + tol_c,
                       control=control))
     rows = [(path, x) for path, x in per_ch if np.ndim(x) >= 2 and np.shape(x)[-2] >= 2]

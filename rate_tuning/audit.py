@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rate_tuning import groups as G
-from rate_tuning.targets import (AuditError, Target, from_linen, from_nnx, load_factory, nnx_labels,
+from rate_tuning.targets import (AuditError, Target, from_linen, from_nnx, load_factory, nnx_labels,  # noqa: F401
                                  roundoff_budget, target)
 
 SCALES = (1e-2, 0.5, 3.0, 1e2)

@@ -249,8 +249,9 @@ def assert_effective_lr_nonincreasing(loss: Callable, params, labels, tx: optax.
         tol = (3 * n * u / (1 - n * u) + 6 * u) if rtol is None else float(rtol)
         worst, lines = {}, []
         for name, where in _where(params, labels).items():
-            incr = [float(np.max((float(sched(t + 1)) / np.asarray(new[name])) / (float(sched(t)) / np.asarray(old[name]))
-                                 - 1.0)) for t, (old, new, _) in enumerate(traj)]
+            eff = [(float(sched(t)) / np.asarray(old[name]), float(sched(t + 1)) / np.asarray(new[name]))
+                   for t, (old, new, _) in enumerate(traj)]
+            incr = [float(np.max(after / before - 1.0)) for before, after in eff]
             worst[name] = max(incr)
             if not worst[name] <= tol:
                 t = int(np.argmax(incr))

@@ -20,7 +20,8 @@ def net():
     x, y = digits_batch()
     model = models.build("mlp", "paper", num_classes=10, **TINY["mlp"])
     variables = model.init(jax.random.key(0), x)
-    loss = lambda p: models.batch_loss(model, p, variables["batch_stats"], jnp.asarray(x), jnp.asarray(y))[0]  # noqa: E731
+    stats = variables["batch_stats"]
+    loss = lambda p: models.batch_loss(model, p, stats, jnp.asarray(x), jnp.asarray(y))[0]  # noqa: E731
     return model, variables["params"], loss
 
 
@@ -114,7 +115,8 @@ def test_standard_bn_fails_in_float64(net):
     x, y = digits_batch()
     model = models.build("mlp", "paper", bn="standard", num_classes=10, **TINY["mlp"])
     variables = model.init(jax.random.key(0), x)
-    loss = lambda p: models.batch_loss(model, p, variables["batch_stats"], jnp.asarray(x), jnp.asarray(y))[0]  # noqa: E731
+    stats = variables["batch_stats"]
+    loss = lambda p: models.batch_loss(model, p, stats, jnp.asarray(x), jnp.asarray(y))[0]  # noqa: E731
     with pytest.raises(AssertionError, match="layer0/kernel"):
         testing.assert_scale_invariant(loss, variables["params"], ["layer0/kernel"])
 
