@@ -65,8 +65,9 @@ TINY = 1e3
 @dataclasses.dataclass
 class Group:
     """One group found: its leaves, whether per output channel, ``'si'`` or ``'almost'``, the measured
-    invariance (worst ``|L(c w) - L(w)| / max(|L|, 1)``) and orthogonality (worst ``|cos(grad, w)|``) with
-    the tolerance each was judged against."""
+    invariance (worst ``|L(c w) - L(w)| / max(|L|, 1)`` over the scales) and orthogonality (worst
+    ``|cos(grad, w)|``) with the round-off tolerance each was judged against (an almost-invariant group
+    exceeds them; ``near_invariance``, its change at ``c`` in {0.5, 3}, is within the ``almost`` threshold)."""
 
     name: str
     paths: tuple[str, ...]
@@ -76,6 +77,7 @@ class Group:
     orthogonality: float = float("nan")
     tol_invariance: float = 0.0
     tol_orthogonality: float = 0.0
+    near_invariance: float = float("nan")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,15 +111,15 @@ class AuditResult:
 
     def table(self) -> str:
         """The groups, almost-invariant groups, variant and frozen leaves, one line each."""
-        head = (f"{'group':34s} {'kind':12s} {'invariance':>10s} {'tol':>8s} {'|cos|':>10s} {'tol':>8s}  leaves")
+        width = min(max([len(g.name) for g in self.groups + self.almost] + [5]), 60)
+        head = f"{'group':{width}s} {'kind':11s} {'invariance':>10s} {'tol':>8s} {'|cos|':>10s} {'tol':>8s}  leaves"
         lines = [f"audit of {self.name}: {len(self.groups)} scale-invariant group(s), {len(self.almost)} almost "
-                 f"invariant, {len(self.variant)} scale-variant leaf(s), {len(self.frozen)} frozen "
+                 f"invariant (|cos| and the loss change at c = 0.5, 3 below {self.info.get('almost', ALMOST):g}), "
+                 f"{len(self.variant)} scale-variant leaf(s), {len(self.frozen)} frozen "
                  f"({self.info.get('seconds', float('nan')):.1f} s, float64)", head]
         for g in self.groups + self.almost:
-            kind = "si/channel" if g.per_channel and g.status == "si" else g.status
-            if g.status == "almost" and g.per_channel:
-                kind = "almost/chan"
-            lines.append(f"{g.name[:34]:34s} {kind:12s} {g.invariance:10.2e} {g.tol_invariance:8.1e} "
+            kind = g.status + ("/channel" if g.per_channel else "")
+            lines.append(f"{g.name[:width]:{width}s} {kind:11s} {g.invariance:10.2e} {g.tol_invariance:8.1e} "
                          f"{g.orthogonality:10.2e} {g.tol_orthogonality:8.1e}  {', '.join(g.paths)}")
         if self.variant:
             lines.append("scale-variant: " + ", ".join(self.variant))
@@ -434,8 +436,9 @@ def audit_target(t: Target, *, scales: Sequence[float] = SCALES, almost: float =
             elif _group_cos(rows, group, False) <= almost:
                 maybe.append((group, False))
         for group, per_ch in maybe:
-            if probe(group, per_ch, NEAR_SCALES) <= almost:
-                near.append((group, per_ch, probe(group, per_ch, scales)))
+            near_inv = probe(group, per_ch, NEAR_SCALES)
+            if near_inv <= almost:
+                near.append((group, per_ch, probe(group, per_ch, scales), near_inv))
 
         def joint_ok(items) -> bool:
             return all(pr.change(factors([(g, pc) for g, pc, _ in items], c), full=True) <= pr.tol_full
@@ -458,8 +461,8 @@ def audit_target(t: Target, *, scales: Sequence[float] = SCALES, almost: float =
     paths = lambda g: tuple(pr.paths[pr.train[l]] for l in g)  # noqa: E731
     found = [Group(name(g), paths(g), pc, "si", inv, _group_cos(rows, g, pc), pr.tol_sub, pr.tol_cos)
              for g, pc, inv in sorted(exact, key=lambda x: min(x[0]))]
-    almost_groups = [Group(name(g), paths(g), pc, "almost", inv, _group_cos(rows, g, pc), almost, almost)
-                     for g, pc, inv in sorted(near, key=lambda x: min(x[0]))]
+    almost_groups = [Group(name(g), paths(g), pc, "almost", inv, _group_cos(rows, g, pc), pr.tol_sub, pr.tol_cos,
+                           near_inv) for g, pc, inv, near_inv in sorted(near, key=lambda x: min(x[0]))]
     used = {p for g in found + almost_groups for p in g.paths}
     variant = [pr.paths[i] for i in pr.train if pr.paths[i] not in used]
     info = {"seconds": time.perf_counter() - start, "points": len(rows), "sub_batches": pr.S,
