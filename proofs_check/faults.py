@@ -146,7 +146,7 @@ def _hidden_momentum():
 
 
 @fault("hidden-weight-decay", "rate_tuning.optim.two_rate_sgd",
-       "coupled weight decay 1e-3 applied when none is asked", ("C4", "C5", "C17"))
+       "coupled weight decay 1e-3 applied when none is asked", ("C4", "C5", "C17", "I2"))
 def _hidden_weight_decay():
     return _wrap_two_rate(lambda lr_w, lr_g, kw: (lr_w, lr_g, dict(kw, weight_decay=kw.get("weight_decay") or 1e-3)))
 
@@ -275,7 +275,7 @@ def _bn_jvp():
 
 
 @fault("smooth-bn-epsilon-dropped", "rate_tuning.layers.normalize",
-       "the smooth BN's eps ||w||^2 is dropped (smooth BN becomes exact BN)", ("C19",))
+       "the smooth BN's eps ||w||^2 is dropped (smooth BN becomes exact BN)", ("C19", "A1"))
 def _smooth_dropped():
     layers = _mod("rate_tuning.layers")
     original = layers.normalize
