@@ -169,6 +169,37 @@ def test_nnx_labels_drive_nnx_optimizer():
     assert float(jnp.sum(model.l1.kernel[...] ** 2)) >= before  # Lemma 2.4: an SI group only grows
 
 
+def test_dict_factory_with_loss_call_kwargs_and_frozen():
+    """The general factory form: a custom ``loss(outputs, batch)``, explicit ``call_kwargs``, ``frozen``."""
+    model, variables, batch = preset("mlp", "fully_si")
+    seen = {}
+
+    def loss(out, b):
+        seen["shape"] = out.shape
+        return jnp.mean(jnp.sin(out))  # no targets needed
+
+    t = targets.target({"model": model, "variables": variables, "batch": batch, "loss": loss,
+                        "call_kwargs": {"train": True}, "frozen": ["classifier/kernel"]})
+    result = A.audit_target(t)
+    assert seen["shape"][-1] == 10 and result.frozen == ["classifier/kernel"]
+    assert result.labels("channel") == model.labels("channel")
+    with pytest.raises(targets.AuditError, match="expected \\(model, variables, batch\\)"):
+        targets.target([model])
+    with pytest.raises(targets.AuditError, match="needs its variables"):
+        targets.target({"model": model, "batch": batch})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["groupnorm_resnet", "transformer_pre_norm", "transformer_post_norm",
+                                  "weightnorm_mlp"])
+def test_proofs_check_model_on_the_other_examples(name, tmp_path):
+    from proofs_check import model_claims
+
+    assert model_claims.main(f"{EXAMPLES}:{name}", out=str(tmp_path / "r"), quick=True) == 0
+    records = [r for c in json.loads((tmp_path / "r" / "evidence.json").read_text())["claims"] for r in c["records"]]
+    assert all(r["ok"] for r in records) and any(r["negative_control"] for r in records)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # synthetic losses: joint groups, rescaling symmetries, no gradient
 # ---------------------------------------------------------------------------------------------------------
