@@ -62,3 +62,14 @@ def test_segment_dip_closed_form():
 
 def test_segment_tolerance_is_a_few_ulps():
     assert 0 < A.tol_segment(100, 1.0) < 1e-13
+
+
+def test_c15_records_a_refused_rate_instead_of_raising():
+    """Under the fault lr-g-threshold-x2 the GD program refuses its rates; C15 records failures, no exception."""
+    from proofs_check import claims as C
+    from proofs_check import faults as F
+    registry = C.load_all()
+    with F.applied(F.FAULTS["lr-g-threshold-x2"]):
+        res = C.run(registry["C15"], quick=True)
+    assert not res.ok
+    assert any("refused" in e.setting or "labelled c_g" in e.setting for e in res.evidence if not e.ok)

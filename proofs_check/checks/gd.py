@@ -1312,12 +1312,36 @@ def check_c14(settings: dict) -> list[Evidence]:
 )
 def check_c15(settings: dict) -> list[Evidence]:
     """``m_T`` against ``eps`` for every ``(lr_w, c_g)``: ``c_g < 1`` are claim records, ``c_g > 1`` negative
-    controls (the theorem's own). The ``c_g = 0.5`` runs are those of C9. Tolerance 0 (a chosen target)."""
+    controls (the theorem's own). The ``c_g = 0.5`` runs are those of C9. Tolerance 0 (a chosen target).
+
+    First, for every ``c_g`` of the program, a record that the rate the runs use is the one the claim labels:
+    ``lr_g * lambda_max(Q) / 2 == c_g``, with ``lambda_max(Q)`` from numpy on the problem's ``Q`` (not from the
+    rate's formula); tolerance ``4u`` relative (one product, one division, one eigenvalue of a 2x2.. matrix
+    within ``gamma_n`` of exact, n <= 4). If the runs cannot be made (the program refuses a rate whose ``g``
+    region is unbounded), that is recorded as a failed record too, not raised.
+    """
     out = []
-    with x64():
-        P = _multi_program(settings["program"])
-    cfg = PROGRAMS[P.name]
+    cfg = PROGRAMS[settings["program"]]
     c_gs = sorted(set(cfg["c15_c_g"]) | {cfg["c_g"]})
+    prob = _problem("multi")
+    lam = float(np.linalg.eigvalsh(np.asarray(prob.constants["Q"], np.float64))[-1])
+    n_q = int(np.shape(prob.constants["Q"])[0])
+    for cg in c_gs:
+        used = _lr_g(cg, prob.constants["L_gg"]) * lam / 2.0
+        out.append(Evidence("C15", f"multi: the rate of the c_g = {cg:g} runs: lr_g lambda_max(Q) / 2 (lambda_max by "
+                                   f"numpy) against the labelled c_g", used, cg, "==",
+                            (4 * unit_roundoff("float64") + gamma(n_q, "float64")) * cg, "float64", "none",
+                            details={"lr_g": _lr_g(cg, prob.constants["L_gg"]), "lambda_max_Q": lam}))
+    try:
+        with x64():
+            P = _multi_program(settings["program"])
+    except ValueError as exc:   # a rate the GD runner refuses: record the failure, do not raise
+        out.append(Evidence("C15", f"multi: the GD program ({settings['program']}) refused its rates: {exc}",
+                            math.inf, 0.0, "<=", 0.0, "float64", "none", details={"error": str(exc)}))
+        out.append(Evidence("C15", "control: lr_g above 2/L_gg (not run: the program refused its rates)",
+                            math.nan, 0.0, "<=", 0.0, "float64", "none", negative_control=True,
+                            details={"breaks": "lr_g < 2/L_gg", "error": str(exc)}))
+        return out
     table = {}
     for lw in cfg["c15_lr_w"]:
         for cg in c_gs:
@@ -1332,7 +1356,7 @@ def check_c15(settings: dict) -> list[Evidence]:
             out.append(Evidence("C15", f"multi: {P.describe()}, {run.setting}: min_t ||grad L(V_t;g_t)||^2 vs eps = "
                                        f"{settings_eps(P)}", m_T, P.eps, "<=", 0.0, "float64", "none",
                                 negative_control=cg > 1, details=details))
-    out[0].details["curves"] = {"min_t ||grad||^2 vs c_g = lr_g L_gg / 2": curve(
+    out[len(c_gs)].details["curves"] = {"min_t ||grad||^2 vs c_g = lr_g L_gg / 2": curve(
         np.array(c_gs), {k: [v[c] for c in c_gs] for k, v in table.items()}, "c_g", "min_t<T ||grad L(V_t;g_t)||^2",
         logy=True)}
     return out
