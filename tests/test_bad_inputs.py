@@ -441,7 +441,7 @@ def test_an_os_error_while_running_is_exit_1_in_one_line(finished_run, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == cli.EXIT_OS_ERROR and len(err) == 1 and "Traceback" not in err[0]
     assert err[0].startswith("rate-tuning: error: could not write checkpoint step_00000000 in ")
-    assert err[0].endswith("OSError: [Errno 28] No space left on device")
+    assert err[0].endswith(": No space left on device")
     assert os.listdir(tmp_path / "wd" / "checkpoints") == []
 
 

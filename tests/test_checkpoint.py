@@ -326,7 +326,7 @@ def test_a_disk_full_error_is_a_one_line_write_error_that_removes_the_staging(tm
     with pytest.raises(ckpt.CheckpointWriteError) as e:
         ckpt.save(str(tmp_path), 2, tree(2), {}, keep=1)
     assert str(e.value) == (f"could not write checkpoint step_00000002 in {tmp_path}: "
-                            f"OSError: [Errno 28] No space left on device")
+                            f"No space left on device")  # the same words whichever layer saw it
     assert capsys.readouterr().err == ""  # nothing from orbax or asyncio
     assert ckpt.list_steps(str(tmp_path)) == [1] and ckpt.leftovers(str(tmp_path)) == []
     assert_same(ckpt.restore(str(tmp_path / "step_00000001"), tree()), tree(1))
