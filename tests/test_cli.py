@@ -247,6 +247,7 @@ def _assert_same_run_to_round_off(reference, other) -> None:
         assert summaries[1]["norms"][group] == pytest.approx(norm, rel=REL_ROUND_OFF), group
 
 
+@pytest.mark.slow
 def test_data_parallel_run_is_the_one_device_run_to_round_off(tmp_path, one_device_run):
     """--devices 2 (2 virtual CPU devices): batch sharded, BN statistics over the global batch."""
     two = _train(tmp_path, "two", "--devices", "2")
@@ -311,6 +312,7 @@ def two_process_run(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_two_process_run_is_the_one_device_run_and_only_process_0_writes(two_process_run, one_device_run):
     summary = json.loads((two_process_run / "dist" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["data_parallel_devices"] == 2 and summary["device_count"] == 2
@@ -320,6 +322,7 @@ def test_two_process_run_is_the_one_device_run_and_only_process_0_writes(two_pro
         os.listdir(one_device_run / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_two_process_resume_continues_from_process_0s_checkpoint(tmp_path, two_process_run, one_device_run):
     """Process 0 reads the step-8 checkpoint and passes it to process 1; the resumed run ends where the
     uninterrupted one-device run does (to round-off)."""
@@ -335,6 +338,7 @@ def test_two_process_resume_continues_from_process_0s_checkpoint(tmp_path, two_p
     _assert_same_run_to_round_off(one_device_run, run)
 
 
+@pytest.mark.slow
 def test_a_bad_input_in_process_0_stops_every_process_before_anything_is_written(tmp_path, two_process_run):
     run = tmp_path / "dist"
     shutil.copytree(two_process_run / "dist", run)  # a finished run: not a new workdir

@@ -126,6 +126,7 @@ def test_reshape_max_pool_equals_flax_max_pool_and_its_gradient_after_relu(x64):
     np.testing.assert_array_equal(relu_then(layers.max_pool_2x2), relu_then(flax_pool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,kw", [("convnet", dict(channels=(4, 6))), ("resnet", dict(stage_channels=(4, 6))),
                                      ("vgg", dict(config=(4, "M", 6, "M")))])
 def test_conv_impls_give_the_same_model(x64, monkeypatch, arch, kw):

@@ -242,6 +242,7 @@ def runs(tmp_path_factory):
 # Tests.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "convnet"])
 def test_sharded_step_equals_full_batch_step(runs, arch):
     r = runs[0][arch]
@@ -254,6 +255,7 @@ def test_sharded_step_equals_full_batch_step(runs, arch):
     assert r["param_sharding_replicated"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "convnet"])
 def test_lemma24_norm_identity_with_all_reduced_gradient(runs, arch):
     """Lemma 2.4: ||w_{t+1}||^2 = ||w_t||^2 + lr_w^2 ||grad_w||^2, per group, for the sharded step's update
@@ -266,11 +268,13 @@ def test_lemma24_norm_identity_with_all_reduced_gradient(runs, arch):
     assert r["lemma24_lhs_scale"] > 1e-6  # the identity is not vacuous
 
 
+@pytest.mark.slow
 def test_indivisible_batch_is_refused(runs):
     msg = runs[0]["indivisible_error"]
     assert msg is not None and "12" in msg and "8 devices" in msg
 
 
+@pytest.mark.slow
 def test_two_process_distributed_equals_one_process(runs):
     _, params, meta = runs
     assert meta["dist0"]["process_count"] == 2 and meta["dist0"]["device_count"] == 2
@@ -288,6 +292,7 @@ def test_two_process_distributed_equals_one_process(runs):
     np.testing.assert_allclose(meta["dist0"]["losses"], meta["single"]["losses"], rtol=TOL)
 
 
+@pytest.mark.slow
 def test_every_process_hears_of_a_failure_and_receives_process_0s_tree(runs):
     meta = runs[2]
     assert meta["dist1"]["agreement"] == [["ValueError", "bad input  in\nprocess 1"], [7.0] * 3, 0]  # its own error

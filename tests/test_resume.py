@@ -100,6 +100,7 @@ def kill_plan(seed: int, steps: int, every: int) -> list[str]:
             return [f"{p}:{k}" for k, p in plan]
 
 
+@pytest.mark.slow
 def test_killed_at_five_random_steps_and_resumed_ends_bitwise_equal(tmp_path):
     steps, every = 30, 5
     overrides = [*TINY, f"steps={steps}", f"checkpoint_every={every}"]
