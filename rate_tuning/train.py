@@ -11,7 +11,7 @@ The pieces, flax-examples style (each small and testable on its own):
   :mod:`rate_tuning.parallel` for several devices), the per-step record :mod:`rate_tuning.record`, the
   files :mod:`rate_tuning.rundir` and :mod:`rate_tuning.checkpoint`.
 
-Reliability (docs/reliability.md): checkpoints at step 0, every ``config.checkpoint_every`` steps and at
+Reliability (README.md, "Reliability"): checkpoints at step 0, every ``config.checkpoint_every`` steps and at
 the end; a resumed run ends with the same bits as an uninterrupted one at a fixed thread count, and
 writes the same ``metrics.jsonl``; a non-finite loss, gradient or parameter stops the run with
 :class:`rate_tuning.steps.DivergenceError` naming the step and the groups.
