@@ -71,6 +71,9 @@ def step_record(params, new_params, grads, labels, lr_w, *, loss=None) -> dict[s
       lr_w: ``lr_w(t)``, the rate of the scale-invariant groups at this step (a scalar, may be traced).
       loss: the loss at ``theta_t`` (recorded under ``loss`` when given).
     """
+    leaves = jax.tree_util.tree_leaves(params)
+    if leaves:  # in the params' dtype: a huge rate (1e30 in float32) squares to inf, not to a cast warning
+        lr_w = jnp.asarray(lr_w, jnp.result_type(*leaves))
     w_sq = G.group_sq_norms(params, labels)
     w_sq_next = G.group_sq_norms(new_params, labels)
     grad_sq = G.group_sq_norms(grads, labels)

@@ -343,3 +343,15 @@ def test_any_command_line_keeps_the_contract(tmp_path_factory, lone_run, capsys,
         assert len(err.strip().splitlines()) == 1 and err.startswith("rate-tuning: error: "), (argv, err)
     if rc == 2:
         assert tree_hash(root) == before, argv
+
+
+def test_a_rate_that_overflows_float32_diverges_in_one_line(tmp_path, cache):
+    """lr_w = 1e30 in float32: the norms overflow at the first step (||w_1||^2 ~ lr_w^2 ||g||^2 > 3.4e38), so
+    the run diverges, exit 3, with the one line that names the step and groups and no numpy cast warning
+    before it (the record squares the rate in the params' dtype). A subprocess: pytest would swallow the
+    warning."""
+    proc = start(tmp_path / "run", ["lr_w=1e30", "dtype=float32", "steps=4", "--quiet"], cache)
+    out, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == cli.EXIT_DIVERGED, err
+    assert len(lines) == 1 and lines[0].startswith("rate-tuning: error: diverged at step"), err
