@@ -2,12 +2,19 @@
 
 Usage::
 
-    python -m proofs_check [--quick] [--claims C1,C4] [--out DIR] [--list] [--faults]
+    python -m proofs_check [--quick] [--claims C1,C4] [--out DIR] [--list] [--faults] [--no-cache]
 
 Runs the claims (all of them by default) with their full settings, or their quick ones with ``--quick``;
-prints one line per claim as it finishes (id, verdict, records, negative controls confirmed, seconds);
-writes ``report.md``, ``evidence.json``, ``curves.json`` and ``plots/`` into ``DIR`` (default ``report/``)
-and prints where. Exit status: 0 if every claim passes and every negative control is violated, 1
+prints a line to stderr as each claim starts (position, elapsed time, an estimate of what is left: from the
+report already in ``DIR`` when it has the same settings, else from the mean so far), a bar of the records
+made inside a claim when stderr is a terminal, and one line per claim as it finishes (id, verdict, records,
+negative controls confirmed, seconds, of them compiling); writes ``report.md`` (with the time of each claim,
+compile against run, in its footer), ``evidence.json``, ``curves.json`` and ``plots/`` into ``DIR`` (default
+``report/``) and prints where.
+
+Compiled programs are kept in JAX's persistent compilation cache, ``$XDG_CACHE_HOME/rate_tuning/jax`` (else
+``~/.cache/rate_tuning/jax``; ``--cache-dir`` to choose, ``--no-cache`` to leave it off): a second run reads
+them back instead of compiling (the same executables, so the same numbers). Exit status: 0 if every claim passes and every negative control is violated, 1
 otherwise, 2 on a usage error (e.g. an unknown claim id: nothing is run or written).
 
 ``--faults`` runs each selected claim under every fault it names (:mod:`proofs_check.faults`, one
@@ -25,6 +32,7 @@ import traceback
 
 from proofs_check import claims as C
 from proofs_check import report as R
+from proofs_check import runtime as RT
 
 PROG = "proofs_check"
 
@@ -42,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(model, batch) for NNX (rate_tuning.targets)")
     p.add_argument("--faults", action="store_true",
                    help="run each claim under the faults it names (proofs_check.faults) and write the kill matrix")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not use the persistent compilation cache (compile every program afresh)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help=f"the persistent compilation cache (default: {RT.default_cache_dir()})")
     return p
 
 
@@ -67,12 +79,26 @@ def _select(spec: str | None, registry: dict) -> list[str] | str:
     return ids
 
 
-def _line(result, error) -> str:
+def _line(result, error, timing=None) -> str:
     controls = [e for e in result.evidence if e.negative_control]
     confirmed = sum(R.record_ok(e) for e in controls)
     verdict = "PASS" if R.claim_ok(result, error) else ("ERROR" if error else "FAIL")
-    return (f"{result.claim.id:<5} {verdict:<5} {len(result.evidence) - len(controls):>3} records  "
+    line = (f"{result.claim.id:<5} {verdict:<5} {len(result.evidence) - len(controls):>3} records  "
             f"{confirmed}/{len(controls)} controls confirmed  {result.seconds:7.1f} s")
+    if timing is not None:
+        line += f" ({timing.compile_total:.1f} compiling, {timing.programs} programs, {timing.cache_hits} cached)"
+    return line
+
+
+def _previous(out: str, quick: bool) -> dict:
+    """``{claim id: (seconds, records)}`` of the report already in ``out`` if it has the same settings."""
+    try:
+        old = R.load_evidence(out)
+    except Exception:  # no report there, or not one of ours: no estimate from it
+        return {}
+    if old.get("mode") != ("quick" if quick else "full"):
+        return {}
+    return {c["id"]: (float(c.get("seconds") or 0.0), len(c.get("records") or [])) for c in old.get("claims", [])}
 
 
 def _run_faults(ids: list[str], args, argv) -> int:
@@ -113,21 +139,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.faults:
         return _run_faults(ids, args, argv)
     start = time.perf_counter()
-    results, errors = [], {}
-    for cid in ids:
-        claim = registry[cid]
-        t0 = time.perf_counter()
-        try:
-            result = C.run(claim, quick=args.quick)
-        except Exception:  # a broken check fails its claim; the others still run and are reported
-            result = C.ClaimResult(claim, [], time.perf_counter() - t0)
-            errors[cid] = traceback.format_exc()
-        print(_line(result, errors.get(cid)), flush=True)
-        results.append(result)
+    results, errors, timings = [], {}, {}
+    progress = RT.Progress(ids, _previous(args.out, args.quick))
+    cache = None if args.no_cache else (args.cache_dir or RT.default_cache_dir())
+    with RT.compilation_cache(cache):
+        for cid in ids:
+            claim = registry[cid]
+            t0 = time.perf_counter()
+            with progress.claim(cid), RT.CompileClock() as timing:
+                try:
+                    result = C.run(claim, quick=args.quick)
+                except Exception:  # a broken check fails its claim; the others still run and are reported
+                    result = C.ClaimResult(claim, [], time.perf_counter() - t0)
+                    errors[cid] = traceback.format_exc()
+            timings[cid] = timing
+            print(_line(result, errors.get(cid), timing), flush=True)
+            results.append(result)
     command = " ".join(["python -m proofs_check", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     try:
         paths = R.write_report(results, args.out, quick=args.quick, errors=errors, command=command,
-                               wall_seconds=time.perf_counter() - start)
+                               wall_seconds=time.perf_counter() - start,
+                               timing={"claims": {c: t.to_dict() for c, t in timings.items()},
+                                       "cache": None if cache is None else str(cache)})
     except OSError as exc:
         return _error(f"could not write the report to {args.out}: {exc}")
     status = R.exit_status(results, errors)

@@ -14,9 +14,10 @@ infinity does: record it as ``inf``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 RELATIONS = ("<=", ">=", "==", ">")
 
@@ -35,6 +36,20 @@ def holds(measured: float, relation: str, bound: float, tolerance: float) -> boo
     if relation == ">":
         return m > b + t
     raise ValueError(f"unknown relation {relation!r}; known: {RELATIONS}")
+
+
+_OBSERVERS: list[Callable[["Evidence"], None]] = []
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[["Evidence"], None]) -> Iterator[None]:
+    """Call ``callback(record)`` for every :class:`Evidence` created inside the block (the progress bar of
+    ``python -m proofs_check`` counts records with it)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +89,8 @@ class Evidence:
             raise ValueError(f"unknown relation {self.relation!r}; known: {RELATIONS}")
         if not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance!r}")
+        for callback in _OBSERVERS:  # progress display only (proofs_check.runtime); never changes the record
+            callback(self)
 
     @property
     def passed(self) -> bool:

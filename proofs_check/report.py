@@ -366,7 +366,31 @@ def _markdown(results, errors, plots, plot_errors, env, meta) -> str:
     lines += ["", *_table(["claim", "verdict", "seconds"],
                           [[r.claim.id, "PASS" if claim_ok(r, errors.get(r.claim.id)) else "FAIL", _fmt(r.seconds)]
                            for r in results] + [["total", s["verdict"], _fmt(s["seconds"])]]), ""]
+    lines += timing_lines(meta.get("timing"))
     return "\n".join(lines)
+
+
+def timing_lines(timing: Mapping[str, Any] | None) -> list[str]:
+    """The footer's "Time" section: per claim, wall seconds split into compiling (tracing, lowering, XLA
+    compilation or the persistent-cache read, from ``jax.monitoring``) and running, with the programs
+    compiled and how many came from the cache (``timing`` as ``python -m proofs_check`` passes it)."""
+    claims = (timing or {}).get("claims") or {}
+    if not claims:
+        return []
+    keys = ("wall", "trace", "lower", "compile", "compile_total", "run", "cpu", "programs", "cache_hits")
+    total = {k: sum(float(t.get(k) or 0) for t in claims.values()) for k in keys}
+    cache = timing.get("cache")
+    rows = [[cid, _fmt(t.get("wall")), _fmt(t.get("compile_total")), _fmt(t.get("trace")), _fmt(t.get("lower")),
+             _fmt(t.get("compile")), _fmt(t.get("run")), _fmt(t.get("cpu")), int(t.get("programs") or 0),
+             int(t.get("cache_hits") or 0)] for cid, t in claims.items()]
+    rows.append(["total", *(_fmt(total[k]) for k in ("wall", "compile_total", "trace", "lower", "compile", "run",
+                                                         "cpu")), int(total["programs"]), int(total["cache_hits"])])
+    return ["## Time", "",
+            "Where each claim's wall time went: *compiling* is tracing to jaxprs + lowering + XLA compilation (or "
+            "reading the program back from the persistent compilation cache), *running* the rest. "
+            + (f"Compilation cache: `{cache}`." if cache else "Compilation cache: off."), "",
+            *_table(["claim", "wall s", "compiling s", "tracing", "lowering", "XLA compile / cache read",
+                     "running s", "CPU s", "programs", "from cache"], rows), ""]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -509,7 +533,8 @@ def _render(results, errors, tmp: Path, meta: dict) -> list[str]:
         })
     head = {"schema": SCHEMA_VERSION, "generated_utc": meta["generated_utc"], "mode": meta["mode"],
             "command": meta.get("command"), "environment": env}
-    _write_json(tmp / EVIDENCE, {**head, "summary": summary(results, errors), "claims": claims_json})
+    _write_json(tmp / EVIDENCE, {**head, "summary": summary(results, errors), "claims": claims_json,
+                                 **({"timing": meta["timing"]} if meta.get("timing") else {})})
     _write_json(tmp / CURVES, {**head, "curves": curves_out})
     _write_text(tmp / REPORT, _markdown(results, errors, plots, plot_errors, env, meta))
     return [EVIDENCE, CURVES] + [p["file"] for p in plots] + [REPORT]
@@ -517,7 +542,7 @@ def _render(results, errors, tmp: Path, meta: dict) -> list[str]:
 
 def write_report(results: Sequence[ClaimResult], out_dir: str | os.PathLike, *, quick: bool = True,
                  errors: Mapping[str, str] | None = None, command: str | None = None,
-                 wall_seconds: float | None = None) -> dict[str, Path]:
+                 wall_seconds: float | None = None, timing: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``evidence.json``, ``curves.json`` and ``plots/`` into ``out_dir``, atomically.
 
     Args:
@@ -527,6 +552,8 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | os.PathLike, *, 
       errors: ``{claim id: traceback}`` for claims whose check raised.
       command: the command line, for the header.
       wall_seconds: total wall time of the run, for the header.
+      timing: ``{'claims': {id: ClaimTime.to_dict()}, 'cache': dir or None}`` (:mod:`proofs_check.runtime`),
+        for the footer's "Time" section and ``evidence.json``'s ``timing``.
 
     Returns:
       ``{'report': ..., 'evidence': ..., 'curves': ..., 'plots': ...}`` paths.
@@ -543,7 +570,7 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | os.PathLike, *, 
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"generated_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "mode": "quick" if quick else "full", "command": command, "wall_seconds": wall_seconds,
-            "faults": _load_faults(out)}
+            "faults": _load_faults(out), "timing": dict(timing) if timing else None}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         umask = os.umask(0)

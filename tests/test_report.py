@@ -215,7 +215,8 @@ def test_cli_list(tmp_path):
 
 
 @pytest.fixture
-def fake_registry(monkeypatch):
+def fake_registry(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the compilation cache, not in the home
     ok = [_ev("C901", "holds", 0.0), _ev("C901", "ctrl", 1.0, control=True)]
     bad_ctrl = [_ev("C902", "holds", 0.0), _ev("C902", "ctrl", 0.0, control=True)]
     reg = {"C901": _claim("C901", ok), "C902": _claim("C902", bad_ctrl),
