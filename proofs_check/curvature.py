@@ -29,6 +29,9 @@ __all__ = [
     "top_eigenvalue",
     "extreme_eigenvalues",
     "hessian_extreme_eigenvalues",
+    "hutchinson_trace",
+    "slq_nodes_weights",
+    "spectral_density",
     "tangent_projector",
     "projected_hvp",
     "unit_normalize",
@@ -139,6 +142,7 @@ def lanczos(
     breakdown_tol: float | None = None,
     unroll: bool | None = None,
     linearize: bool = True,
+    return_tridiagonal: bool = False,
 ):
     """Lanczos with full reorthogonalisation for a real symmetric linear operator; returns Ritz values.
 
@@ -185,6 +189,8 @@ def lanczos(
       linearize: apply ``matvec`` through its linearisation at 0 (``jax.linearize``; ``matvec`` must be linear
         and differentiable, as every Hessian-vector product is): the work that does not depend on the vector
         is done once, before the iteration. ``False`` calls ``matvec`` as given at every step.
+      return_tridiagonal: return ``(alphas, betas)`` of ``T`` instead (diagonal ``(k,)``, off-diagonal
+        ``(k - 1,)``), for quadrature (:func:`slq_nodes_weights`).
 
     Returns:
       ``ritz_values`` of shape ``(k,)`` in ascending order; with ``return_vectors`` a tuple
@@ -272,6 +278,8 @@ def lanczos(
         state = jax.lax.fori_loop(0, k, step, state)
     Q, alphas, betas, _ = state
     off = betas[: k - 1]
+    if return_tridiagonal:
+        return alphas, off
     T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
     if not return_vectors:
         return jnp.linalg.eigvalsh(T)
@@ -281,6 +289,81 @@ def lanczos(
     if unravel is not None:
         Y = jax.vmap(unravel)(Y)
     return evals, Y
+
+
+def _flat_operator(matvec: Callable, dim_or_example, dtype=None):
+    """``(n, dtype, flat matvec)`` of an operator on flat vectors or on pytrees like ``dim_or_example``."""
+    if isinstance(dim_or_example, (int, np.integer)):
+        dt = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+        return int(dim_or_example), dt, matvec
+    flat, unravel = ravel_pytree(dim_or_example)
+    return flat.shape[0], flat.dtype, lambda x: ravel_pytree(matvec(unravel(x)))[0]
+
+
+def hutchinson_trace(matvec: Callable, dim_or_example, num_samples: int, key: jax.Array, *, dtype: Any = None,
+                     chunk: int | None = None):
+    """Hutchinson's estimate of ``tr(A)``: the mean of ``z^T A z`` over Rademacher vectors ``z``.
+
+    Math: ``E[z^T A z] = tr(A)`` for ``z`` with independent +-1 entries; the standard error of the mean of
+    ``m`` samples is ``std(z^T A z) / sqrt(m)`` (``Var = 2 (||A||_F^2 - sum_i A_ii^2)``).
+
+    The operator is linearised once (as in :func:`lanczos`) and applied to ``chunk`` probes at a time by
+    ``vmap`` (default: all of them), so the vector-independent work (an HVP's forward pass and gradient) is
+    done once and the probes share every batched product.
+
+    Args:
+      matvec, dim_or_example, dtype: as :func:`lanczos` (a linear, differentiable operator).
+      num_samples: number of probes ``m``.
+      key: PRNG key of the probes.
+      chunk: probes per batched application.
+
+    Returns:
+      ``(estimate, stderr, samples)``: the mean, its standard error, and the ``(m,)`` values ``z^T A z``.
+    """
+    n, dt, mv = _flat_operator(matvec, dim_or_example, dtype)
+    lin = jax.linearize(mv, jnp.zeros((n,), dt))[1]
+    z = jax.random.rademacher(key, (num_samples, n), dt)
+    chunk = num_samples if chunk is None else max(1, min(int(chunk), num_samples))
+    parts = [jnp.sum(zc * jax.vmap(lin)(zc), axis=1) for zc in jnp.split(z, list(range(chunk, num_samples, chunk)))]
+    samples = jnp.concatenate(parts)
+    stderr = jnp.std(samples, ddof=1) / jnp.sqrt(num_samples) if num_samples > 1 else jnp.asarray(jnp.nan, dt)
+    return jnp.mean(samples), stderr, samples
+
+
+def slq_nodes_weights(matvec: Callable, dim_or_example, num_steps: int, num_runs: int, key: jax.Array, *,
+                      dtype: Any = None, unroll: bool | None = None):
+    """Stochastic Lanczos quadrature of the spectral density of ``A`` (Ubaru, Chen & Saad 2017; PyHessian's
+    ``density``): nodes and weights of ``num_runs`` Gauss quadratures.
+
+    Math: for a Rademacher start ``v`` (normalised), ``k`` Lanczos steps give ``T = S diag(theta) S^T``; the
+    spectral measure ``v^T delta(A - t) v`` is approximated by ``sum_i S_0i^2 delta(theta_i - t)``, and the
+    density by the mean over runs. :func:`spectral_density` smooths it on a grid.
+
+    Args:
+      matvec, dim_or_example, dtype, unroll: as :func:`lanczos`.
+      num_steps: Lanczos steps per run ``k``; num_runs: independent start vectors (``vmap`` over them).
+      key: PRNG key of the start vectors.
+
+    Returns:
+      ``(nodes, weights)``, each ``(num_runs, k)``; every row of ``weights`` sums to 1.
+    """
+    n, dt, mv = _flat_operator(matvec, dim_or_example, dtype)
+    v0 = jax.random.rademacher(key, (num_runs, n), dt)
+
+    def one(v):
+        alphas, off = lanczos(mv, n, num_steps, key, v0=v, dtype=dt, unroll=unroll, return_tridiagonal=True)
+        T = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+        theta, S = jnp.linalg.eigh(T)
+        return theta, S[0] ** 2
+
+    return jax.vmap(one)(v0)
+
+
+def spectral_density(nodes, weights, grid, sigma: float):
+    """The SLQ density on ``grid``: ``mean_runs sum_i w_i N(t; theta_i, sigma^2)`` (numpy arrays in and out)."""
+    nodes, weights, grid = (np.asarray(a, np.float64) for a in (nodes, weights, grid))
+    g = np.exp(-0.5 * ((grid[None, None, :] - nodes[..., None]) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    return np.mean(np.sum(weights[..., None] * g, axis=1), axis=0)
 
 
 def top_eigenvalue(matvec: Callable, dim_or_example, num_steps: int, key: jax.Array, **kwargs) -> jax.Array:

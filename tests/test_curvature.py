@@ -382,3 +382,40 @@ def test_smoothness_constants_multi_group():
     assert np.max(np.abs(res.per_point["L_ww"] - Lww)) <= REL * scale
     assert _rel(res.per_point["L_gw"], Lgw) <= REL
     assert _rel(res.per_point["L_gg"], Lgg) <= REL
+
+
+# -------------------------------------------------------------------------------------------------------
+# stochastic estimators (issue 19): Hutchinson's trace and stochastic Lanczos quadrature
+
+
+def _sym(n, seed=0):
+    a = np.random.default_rng(seed).normal(size=(n, n))
+    return (a + a.T) / 2
+
+
+def test_hutchinson_trace_within_its_error(x64):
+    A = jnp.asarray(_sym(40))
+    est, err, samples = C.hutchinson_trace(lambda v: A @ v, 40, 400, jax.random.key(1), chunk=150)
+    assert samples.shape == (400,) and float(err) > 0
+    assert abs(float(est) - float(jnp.trace(A))) <= 4 * float(err)
+
+
+def test_slq_weights_and_moments(x64):
+    A = jnp.asarray(_sym(30, 2))
+    nodes, weights = C.slq_nodes_weights(lambda v: A @ v, 30, 30, 3, jax.random.key(0))
+    assert nodes.shape == (3, 30) and weights.shape == (3, 30)
+    assert jnp.allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    # with k = n the quadrature is exact for v^T A v / ||v||^2 = tr(A) / n in expectation; per run exact for v
+    ev = jnp.linalg.eigvalsh(A)
+    assert jnp.allclose(jnp.sort(nodes[0]), ev, atol=1e-8)
+    grid = jnp.linspace(-10, 10, 2001)
+    dens = C.spectral_density(nodes, weights, grid, 0.2)
+    assert abs(float(jnp.sum(dens) * (grid[1] - grid[0])) - 1.0) < 1e-3
+
+
+def test_lanczos_linearize_same_values(x64):
+    A = jnp.asarray(_sym(25, 3))
+    key = jax.random.key(4)
+    a = C.lanczos(lambda v: A @ v, 25, 12, key)
+    b = C.lanczos(lambda v: A @ v, 25, 12, key, linearize=False)
+    assert jnp.allclose(a, b, rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(a))))
