@@ -38,7 +38,7 @@ CASES = [("mlp", p) for p in models.PRESETS] + [(a, "paper") for a in ("convnet"
         [("convnet", "fully_si"), ("vgg", "smoothed"), ("vgg", "no_bn")]
 
 
-@pytest.mark.parametrize("arch,name", CASES)
+@pytest.mark.parametrize("arch,name", [c if c[0] == "mlp" else pytest.param(*c, marks=pytest.mark.slow) for c in CASES])
 def test_preset_labels_recovered_exactly(arch, name):
     model, variables, batch = preset(arch, name)
     frozen = ["classifier/kernel"] if name == "fully_si" else []
@@ -64,6 +64,7 @@ def test_preset_labels_recovered_on_every_other_architecture(arch, name):
     test_preset_labels_recovered_exactly(arch, name)
 
 
+@pytest.mark.slow
 def test_resnet_one_stage_recovered_exactly_up_to_names():
     model, variables, batch = preset("resnet", "paper", stage_channels=(4,))
     result = A.audit(model, variables, batch)
@@ -89,6 +90,7 @@ def test_resnet_two_stages_refines_the_residual_stream():
                     params, result.labels("channel"))
 
 
+@pytest.mark.slow
 def test_standard_bn_is_almost_invariant_with_its_violation():
     model, variables, batch = preset("mlp", "paper", bn="standard")
     result = A.audit(model, variables, batch)
@@ -104,6 +106,7 @@ def test_standard_bn_is_almost_invariant_with_its_violation():
     assert A.compare_labels(variables["params"], with_almost, model.labels("layer")) == []
 
 
+@pytest.mark.slow
 def test_audited_labels_train_with_two_rate_sgd_and_pass_verify_labels():
     model, variables, batch = preset("mlp", "paper")
     labels = A.audit(model, variables, batch).labels("channel")
@@ -127,6 +130,7 @@ def expected():
     return targets.import_module(EXAMPLES).EXPECTED
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["groupnorm_resnet", "transformer_pre_norm", "transformer_post_norm",
                                   "weightnorm_mlp", "nnx_batchnorm", "plain_mlp"])
 def test_examples_match_the_hand_derived_groups(name, expected):
@@ -140,11 +144,13 @@ def test_examples_match_the_hand_derived_groups(name, expected):
             result.labels(), is_leaf=G.is_label))
 
 
+@pytest.mark.slow
 def test_pre_and_post_norm_differ(expected):
     pre, post = expected["transformer_pre_norm"]["si"], expected["transformer_post_norm"]["si"]
     assert set(pre).isdisjoint(post) and "embed/embedding" in pre[0] and "ln1/scale" in post[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,paths", [
     ("nnx_batchnorm_default_epsilon", {("l1/kernel",), ("l2/kernel",), ("bn1/bias", "bn1/scale")}),
     ("transformer_pre_norm_default_epsilon", {("attn/out/bias", "attn/out/kernel", "embed/embedding",
@@ -155,6 +161,7 @@ def test_default_epsilons_are_almost_invariant(name, paths):
     assert all(g.invariance > result.info["tol_invariance_sub_batch"] for g in result.almost)
 
 
+@pytest.mark.slow
 def test_nnx_labels_drive_nnx_optimizer():
     from flax import nnx
 
@@ -291,6 +298,7 @@ def test_proofs_check_model_passes_and_controls_are_violated(tmp_path):
     assert all(not r["passed"] for r in records if r["negative_control"])
 
 
+@pytest.mark.slow
 def test_proofs_check_model_command_line(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "proofs_check", *a], capture_output=True,  # noqa: E731
                                     text=True, timeout=300)

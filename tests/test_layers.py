@@ -68,6 +68,7 @@ def test_normalize_with_a_named_axis_uses_the_global_batch(x64):
     assert float(jnp.max(jnp.abs(got - want))) <= tolerance(want)
 
 
+@pytest.mark.slow
 def test_batchnorm_gradient_is_orthogonal_to_the_kernel(x64):
     """Lemma 2.4's premise through the fast BN: <grad_W L, W> = 0 to round-off for the kernel feeding it."""
     model = models.build("convnet", "paper", num_classes=3, channels=(4, 6), param_dtype=jnp.float64)
@@ -149,6 +150,7 @@ def test_conv_impls_give_the_same_model(x64, monkeypatch, arch, kw):
         assert max(jax.tree_util.tree_leaves(diff)) <= 1e-12, impl
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the 'auto' rule of the CPU backend")
 def test_auto_picks_im2col_for_strided_and_few_channel_layers_on_cpu(monkeypatch):
     """vgg (stride 1) on a 3-channel image: im2col for the first layer only; the convnet (stride 2): im2col."""

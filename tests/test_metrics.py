@@ -8,7 +8,8 @@ from rate_tuning import groups as G, metrics
 from tests.helpers import build
 
 
-@pytest.mark.parametrize("arch,preset", [("mlp", "paper"), ("convnet", "smoothed"), ("resnet", "paper")])
+@pytest.mark.parametrize("arch,preset", [("mlp", "paper"), pytest.param("convnet", "smoothed", marks=pytest.mark.slow),
+                                         pytest.param("resnet", "paper", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("grouping", ["layer", "channel"])
 def test_intrinsic_gradient_equals_gradient_at_normalised_point(x64, arch, preset, grouping):
     """sum_i ||w_i||^2 ||grad_i L(theta)||^2 + ||grad_g L||^2 == ||grad L(V; g)||^2, the right side by

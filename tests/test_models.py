@@ -8,7 +8,8 @@ import pytest
 from rate_tuning import groups as G, models
 from tests.helpers import TINY, build, digits_batch
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", [a if a in ("mlp", "convnet") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in TINY])
 @pytest.mark.parametrize("preset", list(models.PRESETS))
 def test_preset_labels_verify_in_float64(x64, arch, preset):
     model, params, loss = build(arch, preset)

@@ -80,6 +80,7 @@ def test_train_sweep_and_trajectory_record_the_same_quantities(tmp_path):
     _assert_shared_equal(_run_all(tmp_path, "plain"))
 
 
+@pytest.mark.slow
 def test_changing_the_effective_rate_in_one_place_changes_all_three(tmp_path, monkeypatch):
     before = _run_all(tmp_path, "before")
 

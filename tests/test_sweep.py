@@ -268,6 +268,7 @@ def test_auto_rule_and_validation():
         S.make_sweep(toy_loss, toy_init, {"w": G.si("w"), "f": G.FROZEN_LABEL}, steps=2)
 
 
+@pytest.mark.slow
 def test_bn_problem_applies_conv_models_without_convolution_ops_on_cpu(x64):
     """The sweep runs steps under lax.scan, where XLA:CPU convolutions are naive (jax-ml/jax#12868):
     bn_problem applies a conv_impl='auto' model through models.for_loops (im2col on CPU: no convolution

@@ -277,7 +277,7 @@ def test_label_mismatch_is_a_label_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("bn", ("exact", "smooth", "standard"))
-@pytest.mark.parametrize("arch, shape", [("mlp", (6,)), ("convnet", (8, 8, 3))])
+@pytest.mark.parametrize("arch, shape", [("mlp", (6,)), pytest.param("convnet", (8, 8, 3), marks=pytest.mark.slow)])
 def test_a_bfloat16_model_keeps_its_dtypes_and_compiles_once(bn, arch, shape):
     """Built with ``param_dtype=bfloat16`` on bfloat16 inputs (the benchmarks' accelerator setting), a train
     step returns every leaf of the state (params, BN running statistics, optimizer state) in the dtype it
