@@ -311,7 +311,7 @@ def rademacher(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 
 
 def hutchinson_trace(matvec: Callable, dim_or_example, num_samples: int, key: jax.Array, *, dtype: Any = None,
-                     chunk: int | None = None):
+                     chunk: int | None = 5):
     """Hutchinson's estimate of ``tr(A)``: the mean of ``z^T A z`` over Rademacher vectors ``z``.
 
     Math: ``E[z^T A z] = tr(A)`` for ``z`` with independent +-1 entries; the standard error of the mean of
