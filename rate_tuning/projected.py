@@ -226,6 +226,12 @@ def _check(name, value, low=0.0, high=None, closed_high=False):
         raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
 
 
+def _check_projection(weight_decay, delta, wd_ratio, eps) -> None:
+    """The arguments SGDP and AdamP share, each a finite number >= 0."""
+    for name, value in (("weight_decay", weight_decay), ("delta", delta), ("wd_ratio", wd_ratio), ("eps", eps)):
+        _check(name, value)
+
+
 def _is_zero(x) -> bool:
     """Whether ``x`` is a concrete zero (a traced hyperparameter never is)."""
     return not isinstance(x, jax.core.Tracer) and float(x) == 0.0
@@ -253,10 +259,7 @@ def scale_by_sgdp(momentum: float = 0.0, dampening: float = 0.0, weight_decay: f
     """
     _check("momentum", momentum, 0.0, 1.0)
     _check("dampening", dampening, 0.0, 1.0, closed_high=True)
-    _check("weight_decay", weight_decay)
-    _check("delta", delta)
-    _check("wd_ratio", wd_ratio)
-    _check("eps", eps)
+    _check_projection(weight_decay, delta, wd_ratio, eps)
 
     def init_fn(params):
         if labels is not None:
@@ -316,10 +319,7 @@ def scale_by_adamp(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight
     """
     _check("b1", b1, 0.0, 1.0)
     _check("b2", b2, 0.0, 1.0)
-    _check("weight_decay", weight_decay)
-    _check("delta", delta)
-    _check("wd_ratio", wd_ratio)
-    _check("eps", eps)
+    _check_projection(weight_decay, delta, wd_ratio, eps)
 
     def init_fn(params):
         if labels is not None:
