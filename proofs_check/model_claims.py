@@ -249,8 +249,8 @@ def _rates(case, labels) -> tuple[float, float]:
     p = case.points[1]
     _, g = case.grad(p)
     ww, gg = _dot(p, p, labels), _dot(g, g, labels)
-    ratios = np.concatenate([np.sqrt(np.atleast_1d(ww[k]) / np.atleast_1d(gg[k])) for k in ww]) if ww else [1.0]
-    ratios = [r for r in np.ravel(ratios) if np.isfinite(r)] or [1.0]
+    pairs = [(np.ravel(ww[k]), np.ravel(gg[k])) for k in ww]
+    ratios = [float(np.sqrt(w / g)) for ws, gs in pairs for w, g in zip(ws, gs) if g > 0] or [1.0]  # no gradient: no rate
     variant = [math.sqrt(float(np.sum(_np(x) ** 2)) / max(float(np.sum(_np(y) ** 2)), 1e-300))
                for (_, x, lab), y in zip(G.flatten_labelled(p, labels), jax.tree_util.tree_leaves(g))
                if lab.kind == G.VARIANT and np.any(_np(y))]
