@@ -285,6 +285,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert data["labels"]["layer"]["Dense_0/bias"] == "variant"
 
 
+@pytest.mark.slow
 def test_proofs_check_model_passes_and_controls_are_violated(tmp_path):
     from proofs_check import model_claims
 

@@ -111,6 +111,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_concurrent_saves_in_two_processes_do_not_break_each_other(tmp_path):
     d = str(tmp_path)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}

@@ -57,7 +57,8 @@ WRONG = [
 ]
 
 
-@pytest.mark.parametrize("arch,preset,bn,path,named", WRONG)
+@pytest.mark.parametrize("arch,preset,bn,path,named",
+                         [w if w[0] in ("mlp", "convnet") else pytest.param(*w, marks=pytest.mark.slow) for w in WRONG])
 def test_wrong_si_label_is_rejected_naming_the_path(x64, arch, preset, bn, path, named):
     model, params, loss = build(arch, preset, bn)
     labels = relabel(model.labels("layer"), path, G.si("wrong"))

@@ -131,6 +131,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
 # Pruning
 
 
+@pytest.mark.slow
 def test_a_stray_checkpoint_directory_costs_no_valid_checkpoint(tmp_path, cache, lone_run):
     """Issue 16's reproduction: ``mkdir step_99999999`` then ``--resume ... keep_checkpoints=1``."""
     run = tmp_path / "run"
@@ -345,6 +346,7 @@ def test_any_command_line_keeps_the_contract(tmp_path_factory, lone_run, capsys,
         assert tree_hash(root) == before, argv
 
 
+@pytest.mark.slow
 def test_a_rate_that_overflows_float32_diverges_in_one_line(tmp_path, cache):
     """lr_w = 1e30 in float32: the norms overflow at the first step (||w_1||^2 ~ lr_w^2 ||g||^2 > 3.4e38), so
     the run diverges, exit 3, with the one line that names the step and groups and no numpy cast warning

@@ -204,6 +204,7 @@ def test_killed_after_the_final_checkpoint_resumes_to_the_same_summary(reference
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 def test_momentum_weight_decay_and_schedule_state_resume_exactly_in_float32(tmp_path, monkeypatch):
     """The optimizer state that matters: a momentum trace, a schedule's step count, per-channel groups."""
     extra = ("steps=8", "dtype=float32", "momentum=0.9", "weight_decay=1e-4", "schedule=inverse_sqrt",
