@@ -240,7 +240,6 @@ def adversarial_search(net: SmallNet, start: dict, kind: str, iters: int, step: 
     """
     _, unravel = ravel_pytree(start)
     names, masks = _masks(net, start)
-    m = len(masks) - 1
 
     @jax.jit
     def ascent_grad(p, xv, yv):

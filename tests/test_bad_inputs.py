@@ -19,13 +19,12 @@ import string
 import typing
 from typing import Callable
 
-import jax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rate_tuning import checkpoint as ckpt
-from rate_tuning import cli, configs, models, rundir, train
+from rate_tuning import cli, configs, models, rundir
 from rate_tuning import groups as G
 from rate_tuning.configs import Config, ConfigError
 

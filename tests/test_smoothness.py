@@ -2,7 +2,6 @@
 their controls are violated, and the instruments agree with closed forms."""
 import math
 
-import jax
 import numpy as np
 import pytest
 

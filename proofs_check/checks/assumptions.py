@@ -19,7 +19,6 @@ Paper: Arora, Li & Lyu, "Theoretical Analysis of Auto Rate-Tuning by Batch Norma
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
