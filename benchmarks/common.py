@@ -340,3 +340,14 @@ def jax_setup(arch: str, batch: int, dtype: str = "float32", seed: int = 0, conv
     state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                     batch_stats=variables["batch_stats"])
     return model, labels, lr_w, state, x, y, jdt
+
+
+def write_result(out_dir, name: str, result: dict, markdown_text: str) -> str:
+    """Write ``out_dir/name.json`` (the record) and ``out_dir/name.md`` (its table); the Markdown."""
+    import pathlib
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown_text)
+    return markdown_text

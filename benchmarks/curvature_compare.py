@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import hardware, jax_setup
+from benchmarks.common import hardware, jax_setup, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -326,12 +326,7 @@ def main(argv=None) -> int:
         result["compare"] = compare_section((args.models or "vgg,resnet").split(","), args.batch,
                                             args.modes.split(","), args.topk, args.lanczos_steps, args.trace_samples,
                                             args.slq_steps, args.power_iters)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md = markdown(result)
-    (out / f"{args.name}.md").write_text(md)
-    print(md)
+    print(write_result(args.out, args.name, result, markdown(result)))
     return 0
 
 

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,12 +130,7 @@ def main(argv=None) -> int:
                       f"{r['loadavg_start'][0]:.2f}->{r['loadavg_end'][0]:.2f}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md = markdown(result)
-    (out / f"{args.name}.md").write_text(md)
-    print(md)
+    print(write_result(args.out, args.name, result, markdown(result)))
     return 0
 
 
