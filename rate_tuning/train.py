@@ -302,9 +302,7 @@ class Run:
             self.last_checkpoint = ckpt.step_name(self.first)
             self.progress.message(f"resuming {self.workdir} from step {self.first} "
                                   f"({rundir.CHECKPOINTS_DIR}/{self.last_checkpoint})")
-        else:
-            if self.lead:
-                os.makedirs(self.workdir, exist_ok=True)
+        else:  # prepare() created and locked the directory
             self.save(0)
         if self.lead:
             self.writer = rundir.MetricsWriter(self.metrics_path, append=self.resume)
